@@ -1,0 +1,92 @@
+"""The UltraClean job's YAML config: one pydantic model per section, every key checked, errors named by path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+
+from stages.dedup import DedupConfig
+from stages.extract import ExtractConfig
+from stages.heuristics import FilterConfig, default_filters
+from stages.langid import LangIdConfig
+from stages.readers import InputFormat, ReadConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file, the key and what is wrong."""
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="a file or a glob; relative paths are relative to the config file")
+    format: InputFormat | None = Field(None, description="default: from the file name")
+    source: str | None = Field(None, description="label for the `source` column; default: the file name")
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field("ultraclean-output", description="dataset root; relative paths are relative to the working dir")
+    rows_per_shard: PositiveInt = 100_000
+    row_group_rows: PositiveInt = 10_000
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    tokenizer: str | None = Field(None, description="tokenizer.json used for the manifest's token counts")
+    keep_work: bool = Field(False, description="keep the per-input intermediate parts after publishing")
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="a running cluster ('auto', 'ray://...'); null starts one in-process")
+    num_cpus: PositiveInt | None = Field(None, description="CPUs for an in-process cluster")
+    max_retries: NonNegativeInt = Field(3, description="Ray re-runs a task whose worker died this many times")
+
+
+class UltraCleanConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "ultraclean"
+    inputs: list[InputSpec] = Field(min_length=1)
+    read: ReadConfig = Field(default_factory=ReadConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    langid: LangIdConfig = Field(default_factory=LangIdConfig)
+    filters: list[FilterConfig] = Field(default_factory=default_filters)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        got = f" (got {problem['input']!r})" if problem["type"] not in ("missing",) and not isinstance(problem["input"], dict) else ""
+        lines.append(f"  - {where}: {problem['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "<config>") -> UltraCleanConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return UltraCleanConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> tuple[UltraCleanConfig, Path]:
+    """Read and validate a YAML config; returns it with the directory its relative paths are relative to."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid config {path}: not valid YAML: {error}") from None
+    return parse_config(data, str(path)), path.resolve().parent

@@ -1,0 +1,417 @@
+"""UltraClean ingest: crawl files -> extract -> language id -> heuristic filters -> dedup -> versioned shards.
+
+Three Ray phases. (1) One task per input file streams it through the per-document stages and writes an
+intermediate Parquet part plus its accounting; a finished part is skipped on re-run. (2) Exact and MinHash
+duplicates are found across all parts (a Ray task per MinHash band, clustering on the driver). (3) One task per
+output shard writes the kept documents, in run order, into a staging directory that is renamed into place whole.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from tokenizers import Tokenizer
+
+from pipelines.config import ConfigError, UltraCleanConfig
+from pipelines.runtime import ensure_ray, gather
+from pipelines.versioning import (
+    CARD_NAME,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    SHARD_DIR,
+    atomic_write_text,
+    canonical_json,
+    code_version,
+    compute_version_id,
+    publish_version,
+    sha256_file,
+)
+from stages.base import Accounting, QuarantineEntry
+from stages.dedup import MinHasher, band_duplicate_pairs, cluster_duplicates, content_hash, first_in_group
+from stages.extract import HtmlExtractor
+from stages.heuristics import HeuristicFilter
+from stages.langid import LanguageIdentifier
+from stages.readers import InputReader, detect_format
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("content", pa.string()),
+        ("id", pa.string()),
+        ("url", pa.string()),
+        ("date", pa.string()),
+        ("language", pa.string()),
+        ("language_score", pa.float64()),
+        ("source", pa.string()),
+    ]
+)
+PART_SCHEMA = SHARD_SCHEMA.append(pa.field("order", pa.int64())).append(pa.field("content_hash", pa.uint64())).append(
+    pa.field("minhash_bands", pa.list_(pa.uint64()))
+)
+ORDER_BITS = 40  # order = input index << 40 | record number: run order survives any scheduling
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    index: int
+    path: str
+    format: str | None
+    source: str
+
+
+@dataclass
+class IngestResult:
+    version_path: Path
+    manifest: dict
+    reused: bool
+    seconds: float
+    stage_seconds: dict[str, float]
+
+
+def resolve_inputs(config: UltraCleanConfig, base_dir: Path) -> list[ResolvedInput]:
+    resolved: list[ResolvedInput] = []
+    for position, spec in enumerate(config.inputs):
+        pattern = spec.path if Path(spec.path).is_absolute() else str(base_dir / spec.path)
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise ConfigError(f"inputs[{position}].path: no file matches {spec.path!r} (looked at {pattern})")
+        for match in matches:
+            source = spec.source or Path(match).name
+            resolved.append(ResolvedInput(len(resolved), str(Path(match).resolve()), spec.format, source))
+    return resolved
+
+
+def _writer_options(config: UltraCleanConfig) -> dict:
+    compression = None if config.output.compression == "none" else config.output.compression
+    return {"compression": compression, "write_statistics": True, "store_schema": False}
+
+
+@ray.remote
+def fingerprint_input(path: str) -> dict:
+    return {"name": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def _document_stages(config: UltraCleanConfig, item: ResolvedInput, accounting: Accounting):
+    path = Path(item.path)
+    reader = InputReader(path, item.format or detect_format(path), item.source, config.read, accounting)
+    stages = [HtmlExtractor(config.extract, accounting), LanguageIdentifier(config.langid, accounting)]
+    stages += [HeuristicFilter(f, accounting) for f in config.filters if f.enabled]
+    docs = reader.run()
+    for stage in stages:
+        docs = stage.run(docs)
+    return docs
+
+
+def _part_rows(docs, item: ResolvedInput, config: UltraCleanConfig, accounting: Accounting):
+    hasher = MinHasher(config.dedup.minhash) if config.dedup.minhash.enabled else None
+    for number, doc in enumerate(docs):
+        language = doc.metadata["language"]
+        yield {
+            "content": doc.text,
+            "id": doc.id,
+            "url": doc.metadata["url"],
+            "date": doc.metadata["date"],
+            "language": language,
+            "language_score": doc.metadata["language_score"],
+            "source": doc.metadata["source"],
+            "order": (item.index << ORDER_BITS) | number,
+            "content_hash": content_hash(doc.text),
+            "minhash_bands": hasher.band_keys(doc.text, language) if hasher else [],
+        }
+
+
+@ray.remote
+def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dict:
+    """Phase 1 for one input file. Returns its accounting; resumes from a finished part."""
+    part, stats_path = Path(part_path), Path(part_path + ".json")
+    if part.is_file() and stats_path.is_file():
+        return json.loads(stats_path.read_text())
+    config = UltraCleanConfig.model_validate(config_data)
+    accounting = Accounting()
+    started = time.perf_counter()
+    tmp = part.with_name(f".{part.name}.tmp")
+    kept = 0
+    try:
+        # the format check is inside the try: an input we cannot read is bad input, not a reason to stop
+        docs = _document_stages(config, item, accounting)
+        with pq.ParquetWriter(tmp, PART_SCHEMA, **_writer_options(config)) as writer:
+            batch: list[dict] = []
+            for row in _part_rows(docs, item, config, accounting):
+                batch.append(row)
+                if len(batch) >= 1000:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
+                    kept, batch = kept + len(batch), []
+            writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
+            kept += len(batch)
+    except Exception as error:  # noqa: BLE001 - anything unforeseen quarantines this input whole; other inputs go on
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        accounting = Accounting(
+            records_in=accounting.records_in,
+            quarantined=[QuarantineEntry(Path(item.path).name, "file", f"input failed, all of it quarantined: {detail}",
+                                         accounting.records_in, "read")],
+        )
+        kept = 0
+        with pq.ParquetWriter(tmp, PART_SCHEMA, **_writer_options(config)) as writer:
+            writer.write_table(PART_SCHEMA.empty_table())
+    tmp.replace(part)
+    accounting.seconds["total"] = time.perf_counter() - started
+    result = {"input": asdict(item), "kept": kept, "accounting": accounting.as_dict()}
+    atomic_write_text(stats_path, json.dumps(result, sort_keys=True))
+    return result
+
+
+@ray.remote
+def band_pairs(part_paths: list[str], band: int, excluded: np.ndarray) -> pl.DataFrame:
+    frames = []
+    for path in part_paths:
+        table = pq.read_table(path, columns=["order", "minhash_bands"])
+        frame = pl.from_arrow(table).with_columns(pl.col("minhash_bands").list.get(band).alias("band"))
+        frames.append(frame.select("order", "band").filter(~pl.col("order").is_in(excluded)))
+    return band_duplicate_pairs(frames)
+
+
+def find_duplicates(part_paths: list[str], config: UltraCleanConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Orders of exact duplicates and of MinHash near-duplicates (disjoint), each group's first document kept."""
+    keys = pl.concat([pl.from_arrow(pq.read_table(p, columns=["order", "content_hash"])) for p in part_paths])
+    exact = np.sort(first_in_group(keys, "content_hash")["order"].to_numpy()) if config.dedup.exact else np.empty(0, np.int64)
+    near = np.empty(0, np.int64)
+    if config.dedup.minhash.enabled and len(keys):
+        excluded = ray.put(exact)
+        refs = [band_pairs.remote(part_paths, band, excluded) for band in range(config.dedup.minhash.num_bands)]
+        pairs = [result for result in gather(refs, "dedup: minhash bands")]
+        failed = [r for r in pairs if isinstance(r, Exception)]
+        if failed:
+            raise RuntimeError(f"MinHash band grouping failed: {failed[0]}")
+        near = cluster_duplicates(pl.concat(pairs))
+    return exact, near
+
+
+@ray.remote
+def write_shard(pieces: list[tuple[str, list[int]]], out_path: str, config_data: dict) -> dict:
+    """Phase 3: one output shard from the given orders of the given parts, in run order, written atomically."""
+    config = UltraCleanConfig.model_validate(config_data)
+    out = Path(out_path)
+    if not out.is_file():
+        tables = []
+        for part_path, orders in pieces:
+            table = pq.read_table(part_path)
+            tables.append(table.filter(pc.is_in(table["order"], value_set=pa.array(orders, pa.int64()))))
+        shard = pa.concat_tables(tables).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+        tmp = out.with_name(f".{out.name}.tmp")
+        pq.write_table(shard, tmp, row_group_size=config.output.row_group_rows, **_writer_options(config))
+        tmp.replace(out)
+    contents = pq.read_table(out, columns=["content"])["content"].to_pylist()
+    tokens = None
+    if config.output.tokenizer:
+        tokenizer = Tokenizer.from_file(config.output.tokenizer)
+        tokens = sum(len(e.ids) for e in tokenizer.encode_batch(contents, add_special_tokens=False))
+    return {
+        "path": f"{SHARD_DIR}/{out.name}",
+        "rows": len(contents),
+        "bytes": out.stat().st_size,
+        "sha256": sha256_file(out),
+        "characters": sum(len(c) for c in contents),
+        "tokens": tokens,
+    }
+
+
+def plan_shards(part_orders: list[tuple[str, np.ndarray]], rows_per_shard: int) -> list[list[tuple[str, list[int]]]]:
+    shards: list[list[tuple[str, list[int]]]] = [[]]
+    room = rows_per_shard
+    for part_path, orders in part_orders:
+        start = 0
+        while start < len(orders):
+            if room == 0:
+                shards.append([])
+                room = rows_per_shard
+            take = orders[start : start + room]
+            shards[-1].append((part_path, take.tolist()))
+            start += len(take)
+            room -= len(take)
+    return [shard for shard in shards if shard]
+
+
+def content_config(config: UltraCleanConfig) -> dict:
+    """The config as it shapes the dataset's content: no cluster address, no output location."""
+    return config.model_dump(mode="json", exclude={"inputs": True, "ray": True, "output": {"root", "keep_work"}})
+
+
+def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | None = None) -> IngestResult:
+    started = time.perf_counter()
+    inputs = resolve_inputs(config, base_dir)
+    root = Path(output_root or config.output.root).resolve()
+    ensure_ray(config.ray.address, config.ray.num_cpus)
+
+    fingerprints = ray.get([fingerprint_input.remote(item.path) for item in inputs])
+    input_ids = [{**fp, "format": item.format, "source": item.source} for fp, item in zip(fingerprints, inputs)]
+    version_id = compute_version_id(inputs=input_ids, config=content_config(config), code=code_version(), parent=None)
+    final = root / version_id
+    if (final / MANIFEST_NAME).is_file():
+        manifest = json.loads((final / MANIFEST_NAME).read_text())
+        return IngestResult(final, manifest, reused=True, seconds=time.perf_counter() - started, stage_seconds={})
+
+    work = root / ".work" / version_id
+    (work / "parts").mkdir(parents=True, exist_ok=True)
+    config_data = config.model_dump(mode="json")
+    part_paths = [str(work / "parts" / f"part-{item.index:05d}.parquet") for item in inputs]
+    task = process_input.options(num_cpus=1, max_retries=config.ray.max_retries)
+    results = gather([task.remote(item, config_data, path) for item, path in zip(inputs, part_paths)], "ingest: inputs")
+
+    accountings, live_parts = [], []
+    for item, path, result in zip(inputs, part_paths, results):
+        if isinstance(result, Exception):  # the worker died on every retry: the whole input is quarantined
+            error = f"worker failed after {config.ray.max_retries} retries: {type(result).__name__}: {str(result)[:500]}"
+            accountings.append(Accounting(quarantined=[QuarantineEntry(Path(item.path).name, "file", error, 0, "read")]))
+            continue
+        accountings.append(Accounting.from_dict(result["accounting"]))
+        live_parts.append(path)
+
+    exact, near = find_duplicates(live_parts, config) if live_parts else (np.empty(0), np.empty(0))
+    dedup = Accounting()
+    dedup.drop("dedup", "exact_duplicate", len(exact))
+    dedup.drop("dedup", "minhash_duplicate", len(near))
+    dropped_orders = np.union1d(exact, near)
+
+    part_orders = []
+    for path in live_parts:
+        orders = pq.read_table(path, columns=["order"])["order"].to_numpy()
+        part_orders.append((path, np.setdiff1d(orders, dropped_orders, assume_unique=True)))
+    staging = work / "staging"
+    (staging / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    plans = plan_shards(part_orders, config.output.rows_per_shard)
+    shard_refs = [
+        write_shard.options(num_cpus=1, max_retries=config.ray.max_retries).remote(
+            plan, str(staging / SHARD_DIR / f"shard-{number:05d}.parquet"), config_data
+        )
+        for number, plan in enumerate(plans)
+    ]
+    shards = gather(shard_refs, "emit: shards")
+    failed = [s for s in shards if isinstance(s, Exception)]
+    if failed:
+        raise RuntimeError(f"writing shards failed (re-run to resume): {failed[0]}")
+
+    manifest = build_manifest(version_id, config, input_ids, inputs, accountings, dedup, shards)
+    atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
+    atomic_write_text(staging / CARD_NAME, dataset_card(manifest))
+    atomic_write_text(staging / "quarantine.jsonl", "".join(
+        json.dumps(entry.as_dict(), sort_keys=True, ensure_ascii=False) + "\n" for a in accountings for entry in a.quarantined
+    ))
+    final = publish_version(staging, root, version_id)
+    if not config.output.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    stage_seconds: Counter = Counter()
+    for accounting in accountings:
+        stage_seconds.update(accounting.seconds)
+    return IngestResult(final, manifest, reused=False, seconds=time.perf_counter() - started, stage_seconds=dict(stage_seconds))
+
+
+def stage_table(accountings: list[Accounting], dedup: Accounting, filters: list[str]) -> list[dict]:
+    """Per stage: documents in, out, dropped (with reasons) and quarantined, in pipeline order."""
+    order = ["read", "extract", "language", *filters, "dedup"]
+    dropped: dict[str, Counter] = {stage: Counter() for stage in order}
+    quarantined: Counter = Counter()
+    for accounting in [*accountings, dedup]:
+        for stage, reasons in accounting.dropped.items():
+            dropped.setdefault(stage, Counter()).update(reasons)
+        for entry in accounting.quarantined:
+            quarantined[entry.stage] += entry.records
+    rows, remaining = [], sum(a.records_in for a in accountings)
+    for stage in order:
+        out = remaining - sum(dropped[stage].values()) - quarantined[stage]
+        rows.append({"stage": stage, "in": remaining, "out": out, "dropped": dict(sorted(dropped[stage].items())),
+                     "quarantined": quarantined[stage]})
+        remaining = out
+    return rows
+
+
+def build_manifest(version_id, config, input_ids, inputs, accountings, dedup, shards) -> dict:
+    filters = [f"filter_{f.kind}" for f in config.filters if f.enabled]
+    stages = stage_table(accountings, dedup, filters)
+    records_in = sum(a.records_in for a in accountings)
+    kept = sum(s["rows"] for s in shards)
+    dropped = sum(sum(s["dropped"].values()) for s in stages)
+    quarantined = sum(a.quarantined_records for a in accountings)
+    if records_in != kept + dropped + quarantined:
+        raise RuntimeError(f"accounting does not add up: {records_in} in != {kept} kept + {dropped} dropped + {quarantined} quarantined")
+    tokens = [s["tokens"] for s in shards]
+    return {
+        "format": MANIFEST_FORMAT,
+        "version_id": version_id,
+        "name": config.name,
+        "parent": None,
+        "code_version": code_version(),
+        "inputs": [
+            {**fp, "records_in": a.records_in, "quarantine_entries": len(a.quarantined)}
+            for fp, a in zip(input_ids, accountings)
+        ],
+        "config": content_config(config),
+        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
+        "shards": shards,
+        "totals": {
+            "rows": kept,
+            "bytes": sum(s["bytes"] for s in shards),
+            "characters": sum(s["characters"] for s in shards),
+            "tokens": sum(tokens) if tokens and all(t is not None for t in tokens) else None,
+        },
+        "accounting": {
+            "records_in": records_in,
+            "kept": kept,
+            "dropped": dropped,
+            "quarantined": quarantined,
+            "quarantine_entries": sum(len(a.quarantined) for a in accountings),
+        },
+        "stages": stages,
+    }
+
+
+def dataset_card(manifest: dict) -> str:
+    totals, accounting = manifest["totals"], manifest["accounting"]
+    stage_lines = "\n".join(
+        f"| {s['stage']} | {s['in']} | {s['out']} | {sum(s['dropped'].values())} | {s['quarantined']} | "
+        f"{', '.join(f'{k}: {v}' for k, v in s['dropped'].items()) or '-'} |"
+        for s in manifest["stages"]
+    )
+    return f"""# {manifest['name']} — dataset version `{manifest['version_id']}`
+
+Web text filtered by UltraClean (Ultra-FineWeb style): one document per row.
+Produced by `ultraclean-factory {manifest['code_version']}`; parent version: {manifest['parent'] or 'none'}.
+
+| | |
+|---|---|
+| documents | {totals['rows']} |
+| shards | {len(manifest['shards'])} |
+| characters | {totals['characters']} |
+| tokens | {totals['tokens'] if totals['tokens'] is not None else 'not counted'} |
+| input records | {accounting['records_in']} (kept {accounting['kept']}, dropped {accounting['dropped']}, quarantined {accounting['quarantined']}) |
+
+## Columns
+{chr(10).join(f'- `{name}`: {dtype}' for name, dtype in manifest['schema'].items())}
+
+## Where every input record went
+| stage | in | out | dropped | quarantined | reasons |
+|---|---|---|---|---|---|
+{stage_lines}
+
+Quarantined inputs and their errors: `quarantine.jsonl`. Checksums: `manifest.json` (`python -m pipelines.ultraclean verify <this directory>`).
+
+## Loading
+```python
+import datasets, polars, pyarrow.dataset
+files = [f"<this directory>/{{s['path']}}" for s in manifest["shards"]]
+datasets.load_dataset("parquet", data_files=files, split="train")
+polars.read_parquet(files)
+pyarrow.dataset.dataset(files).to_table()
+```
+"""

@@ -1,0 +1,1 @@
+"""UltraClean pipeline stages: small units with a typed config, a ``run`` generator and per-stage statistics."""

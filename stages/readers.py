@@ -1,0 +1,249 @@
+"""Readers: stream WARC, WET, JSONL(.gz) and Parquet inputs into documents, one record at a time.
+
+A reader counts every record it meets (``records_in``). A record it cannot turn into a document is quarantined
+with the error; a stream that breaks part-way (truncated gzip, a WARC header that does not parse) ends that input
+with a file-level quarantine entry, and the records read before the break stay in the run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datatrove.data import Document
+from pydantic import BaseModel, ConfigDict, PositiveInt
+from resiliparse.parse.encoding import detect_encoding
+from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
+
+from stages.base import Stage
+
+InputFormat = Literal["warc", "wet", "jsonl", "parquet"]
+_CHARSET = re.compile(rb"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", re.IGNORECASE)
+_WARC_TYPES = {"warcinfo", "request", "response", "metadata", "resource", "revisit", "conversion", "continuation"}
+_STREAM_ERRORS = (ArchiveLoadFailed, EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError)
+
+
+class ReadConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_document_bytes: PositiveInt = 10_000_000
+    text_key: str = "text"
+    id_key: str = "id"
+    url_key: str = "url"
+    date_key: str = "date"
+    parquet_batch_rows: PositiveInt = 1024
+
+
+def detect_format(path: Path) -> InputFormat:
+    name = path.name.lower()
+    for suffix in (".gz", ".zst"):
+        name = name.removesuffix(suffix)
+    if name.endswith(".wet"):
+        return "wet"
+    if name.endswith(".wat"):
+        raise ValueError(f"{path.name}: WAT files hold crawl metadata, not documents; give the WARC or WET file")
+    if name.endswith((".warc", ".arc")):
+        return "warc"
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise ValueError(f"{path.name}: cannot tell the input format from the name; set format: warc|wet|jsonl|parquet")
+
+
+def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
+    raw = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    return raw
+
+
+def decode_html(payload: bytes, content_type: str) -> str:
+    """Decode with the declared charset, else UTF-8, else a detected one; raise when nothing decodes cleanly."""
+    declared = _CHARSET.search(content_type.encode()) or _CHARSET.search(payload[:4096])
+    candidates = [declared.group(1).decode("ascii", "ignore")] if declared else []
+    candidates += ["utf-8", detect_encoding(payload)]
+    for encoding in dict.fromkeys(candidates):
+        try:
+            return payload.decode(encoding)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    bad = payload.decode("utf-8", errors="replace").find("\ufffd")
+    raise UnicodeDecodeError("utf-8", payload, max(bad, 0), max(bad, 0) + 1, f"no charset decodes it (tried {candidates})")
+
+
+class InputReader(Stage):
+    """Turn one input file into documents; ``source`` is the label written into the ``source`` column."""
+
+    name = "read"
+
+    def __init__(self, path: Path, fmt: InputFormat, source: str, config: ReadConfig, accounting=None):
+        super().__init__(accounting)
+        self.path, self.format, self.source, self.config = path, fmt, source, config
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        reader = {"warc": self._read_warc, "wet": self._read_warc, "jsonl": self._read_jsonl, "parquet": self._read_parquet}
+        yield from reader[self.format]()
+
+    def _too_big(self, size: int, locator: str) -> bool:
+        if size > self.config.max_document_bytes:
+            self.quarantine(self.path.name, locator, f"document of {size} bytes exceeds max_document_bytes={self.config.max_document_bytes}")
+            return True
+        return False
+
+    def _read_warc(self) -> Iterator[Document]:
+        wanted = "response" if self.format == "warc" else "conversion"
+        record_count = 0
+        try:
+            # gzip is undone here, not by warcio: GzipFile raises on a truncated member, warcio's reader stops quietly
+            with _open_maybe_gzip(self.path) as stream:
+                records = ArchiveIterator(stream)
+                for record in records:
+                    if record.rec_type not in _WARC_TYPES:  # a header that does not parse could hide a document
+                        record_count += 1
+                        self.accounting.records_in += 1
+                        self.quarantine(self.path.name, f"record {record_count}",
+                                        f"malformed WARC record: WARC-Type {record.rec_type!r} is not a WARC record type")
+                        continue
+                    if record.rec_type != wanted:
+                        continue
+                    record_count += 1
+                    self.accounting.records_in += 1
+                    record_id = record.rec_headers.get_header("WARC-Record-ID", "")
+                    doc = self._warc_document(record, f"record {record_count} {record_id}".strip())
+                    if doc is not None:
+                        yield doc
+        except _STREAM_ERRORS as error:
+            self.quarantine(self.path.name, f"after record {record_count}",
+                            f"stream broken, rest of the file skipped: {type(error).__name__}: {error}", records=0)
+
+    def _warc_document(self, record, locator: str) -> Document | None:
+        headers = record.rec_headers
+        doc_id = headers.get_header("WARC-Record-ID", "").strip("<>") or f"{self.path.name}:{locator}"
+        url = headers.get_header("WARC-Target-URI", "")
+        date = headers.get_header("WARC-Date", "")
+        try:
+            payload = record.content_stream().read(self.config.max_document_bytes + 1)
+        except _STREAM_ERRORS as error:
+            self.quarantine(self.path.name, locator, f"record body unreadable: {type(error).__name__}: {error}")
+            return None
+        if self._too_big(len(payload), locator):
+            return None
+        if self.format == "wet":
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError as error:
+                self.quarantine(self.path.name, locator, f"WET text is not valid UTF-8: {error}")
+                return None
+            kind = "text"
+        else:
+            status = record.http_headers.get_statuscode() if record.http_headers else None
+            content_type = record.http_headers.get_header("Content-Type", "") if record.http_headers else ""
+            if status != "200":
+                self.drop(f"http_status_{status}")
+                return None
+            if "html" not in content_type.lower():
+                self.drop("not_html")
+                return None
+            try:
+                text = decode_html(payload, content_type)
+            except UnicodeDecodeError as error:
+                self.quarantine(self.path.name, locator, f"undecodable HTML: {error}")
+                return None
+            kind = "html"
+        if not text.strip():
+            self.drop("empty")
+            return None
+        return Document(text=text, id=doc_id, metadata={"url": url, "date": date, "source": self.source, "kind": kind})
+
+    def _read_jsonl(self) -> Iterator[Document]:
+        line_number = 0
+        try:
+            with _open_maybe_gzip(self.path) as stream:
+                for line_number, raw_line in enumerate(stream, start=1):
+                    if not raw_line.strip():
+                        continue
+                    self.accounting.records_in += 1
+                    doc = self._json_document(raw_line, f"line {line_number}")
+                    if doc is not None:
+                        yield doc
+        except _STREAM_ERRORS as error:
+            self.quarantine(self.path.name, f"after line {line_number}",
+                            f"stream broken, rest of the file skipped: {type(error).__name__}: {error}", records=0)
+
+    def _json_document(self, raw_line: bytes, locator: str) -> Document | None:
+        if self._too_big(len(raw_line), locator):
+            return None
+        try:
+            row = json.loads(raw_line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            self.quarantine(self.path.name, locator, f"not valid UTF-8: {error}")
+            return None
+        except json.JSONDecodeError as error:
+            self.quarantine(self.path.name, locator, f"invalid JSON: {error}")
+            return None
+        if not isinstance(row, dict) or not isinstance(row.get(self.config.text_key), str):
+            self.quarantine(self.path.name, locator, f"no string field {self.config.text_key!r}")
+            return None
+        return self._row_document(row, locator)
+
+    def _row_document(self, row: dict, locator: str) -> Document | None:
+        text = row[self.config.text_key]
+        if not text.strip():
+            self.drop("empty")
+            return None
+        metadata = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+        # Dolma-style records keep the crawl's own URL and date under metadata.warc_*
+        url = row.get(self.config.url_key) or metadata.get("warc_url") or metadata.get(self.config.url_key) or ""
+        date = row.get(self.config.date_key) or metadata.get("warc_date") or metadata.get(self.config.date_key) or ""
+        doc_id = row.get(self.config.id_key)
+        return Document(
+            text=text,
+            id=str(doc_id) if doc_id not in (None, "") else f"{self.path.name}:{locator}",
+            metadata={"url": str(url), "date": str(date), "source": self.source, "kind": "text"},
+        )
+
+    def _read_parquet(self) -> Iterator[Document]:
+        try:
+            parquet = pq.ParquetFile(self.path)
+        except (pa.ArrowException, OSError) as error:
+            self.quarantine(self.path.name, "file", f"not a readable Parquet file: {error}", records=0)
+            return
+        schema = parquet.schema_arrow
+        text_field = schema.field(self.config.text_key) if self.config.text_key in schema.names else None
+        if text_field is None or not (pa.types.is_string(text_field.type) or pa.types.is_large_string(text_field.type)):
+            found = ", ".join(f"{f.name}: {f.type}" for f in schema)
+            self.quarantine(self.path.name, "schema",
+                            f"wrong schema: needs a string column {self.config.text_key!r}; found ({found})",
+                            records=parquet.metadata.num_rows)
+            self.accounting.records_in += parquet.metadata.num_rows
+            return
+        optional = [self.config.id_key, self.config.url_key, self.config.date_key]
+        columns = [self.config.text_key] + [c for c in optional if c in schema.names]
+        row_number = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=self.config.parquet_batch_rows, columns=columns):
+                for row in batch.to_pylist():
+                    row_number += 1
+                    self.accounting.records_in += 1
+                    locator = f"row {row_number}"
+                    if row[self.config.text_key] is None:
+                        self.drop("empty")
+                        continue
+                    if self._too_big(len(row[self.config.text_key].encode("utf-8")), locator):
+                        continue
+                    doc = self._row_document(row, locator)
+                    if doc is not None:
+                        yield doc
+        except (pa.ArrowException, OSError) as error:
+            self.quarantine(self.path.name, f"after row {row_number}",
+                            f"Parquet data unreadable, rest of the file skipped: {error}", records=0)
