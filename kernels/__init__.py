@@ -1,0 +1,1 @@
+"""Custom GPU kernels (Triton) with PyTorch references beside them."""
