@@ -1,0 +1,1 @@
+"""The compact model stack: MiniCPM4-architecture proxy, tokenizer, packed data, WSD trainer."""
