@@ -1,0 +1,122 @@
+"""Speculative decoding: verification of drafted tokens and the adaptive draft length.
+
+Verification follows Leviathan et al. (2023) / Chen et al. (2023): drafted token x is accepted with probability
+min(1, p(x)/q(x)); at the first rejection the next token is drawn from normalise(max(0, p - q)); when every draft
+is accepted a bonus token is drawn from the target's next distribution. The committed tokens are then distributed
+exactly as if sampled from the target one by one. Greedy verification accepts while the target's argmax equals
+the draft and needs no randomness.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Verification(NamedTuple):
+    """Per row: how many drafted tokens were accepted, and the token the target contributes after them."""
+
+    num_accepted: torch.Tensor  # [B] int64 in [0, k]
+    next_token: torch.Tensor  # [B] int64: the correction (if a draft was rejected) or the bonus token
+
+
+def _leading_true(mask: torch.Tensor) -> torch.Tensor:
+    """[B, k] bool -> [B] count of leading True values (accepted prefix length)."""
+    return mask.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def verify_greedy(draft_tokens: torch.Tensor, target_probs: torch.Tensor) -> Verification:
+    """draft_tokens [B, k]; target_probs [B, k+1, V] (one-hot or not: only the argmax matters)."""
+    target_choice = target_probs.argmax(dim=-1)
+    num_accepted = _leading_true(draft_tokens == target_choice[:, :-1])
+    next_token = target_choice.gather(1, num_accepted[:, None]).squeeze(1)
+    return Verification(num_accepted, next_token)
+
+
+def verify_sampling(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None,
+) -> Verification:
+    """Lossless speculative sampling.
+
+    draft_tokens [B, k] sampled from draft_probs [B, k, V]; target_probs [B, k+1, V] are the target's
+    distributions at the k drafted positions plus the one after them.
+    """
+    batch, k = draft_tokens.shape
+    p_draft = target_probs[:, :k].gather(2, draft_tokens[..., None]).squeeze(-1)
+    q_draft = draft_probs.gather(2, draft_tokens[..., None]).squeeze(-1)
+    uniform = torch.rand(batch, k, generator=generator, device=draft_tokens.device)
+    # u < p/q written without the division; q(x) > 0 for a sampled x.
+    num_accepted = _leading_true(uniform * q_draft < p_draft)
+
+    rows = torch.arange(batch, device=draft_tokens.device)
+    p_next = target_probs[rows, num_accepted]
+    # After k acceptances the "draft" distribution is zero, so the residual is p itself: the bonus token.
+    q_padded = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)
+    residual = (p_next - q_padded[rows, num_accepted]).clamp_(min=0.0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    # A rejection implies p(x) < q(x), hence positive residual mass; rounding can still leave none.
+    residual = torch.where(mass > 0, residual / mass.clamp(min=torch.finfo(residual.dtype).tiny), p_next)
+    next_token = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+    return Verification(num_accepted, next_token)
+
+
+class DraftLengthController:
+    """Chooses the number of drafted tokens k from the running acceptance rate.
+
+    With per-token acceptance rate a, a step with k drafts commits (1 - a^(k+1)) / (1 - a) tokens on average and
+    costs k * c + 1 target-forward equivalents (c = draft step cost / target step cost); k maximises their ratio.
+    The rate is a decayed count of accepted drafts over accepted drafts plus rejections, so it follows the
+    text being generated; it starts from a weak prior centred on `prior_rate`.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: int,
+        minimum: int,
+        maximum: int,
+        cost_ratio: float,
+        adaptive: bool = True,
+        decay: float = 0.9,
+        prior_rate: float = 0.7,
+        prior_weight: float = 2.0,
+    ):
+        if not 1 <= minimum <= initial <= maximum:
+            raise ValueError(f"need 1 <= minimum ({minimum}) <= initial ({initial}) <= maximum ({maximum})")
+        if cost_ratio < 0:
+            raise ValueError(f"cost_ratio must be >= 0, got {cost_ratio}")
+        self.k = initial
+        self.minimum, self.maximum = minimum, maximum
+        self.cost_ratio = cost_ratio
+        self.adaptive = adaptive
+        self.decay = decay
+        self.accepted = prior_rate * prior_weight
+        self.rejected = (1.0 - prior_rate) * prior_weight
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, num_accepted: list[int], num_drafted: int) -> None:
+        """Record one verification step: per row, the accepted count out of num_drafted drafts."""
+        accepted = float(sum(num_accepted))
+        rejected = float(sum(1 for n in num_accepted if n < num_drafted))
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + rejected
+        if self.adaptive:
+            self.k = self.best_length(self.acceptance_rate)
+
+    def expected_tokens(self, rate: float, k: int) -> float:
+        if rate >= 1.0:
+            return k + 1.0
+        return (1.0 - rate ** (k + 1)) / (1.0 - rate)
+
+    def best_length(self, rate: float) -> int:
+        def throughput(k: int) -> float:
+            return self.expected_tokens(rate, k) / (k * self.cost_ratio + 1.0)
+
+        return max(range(self.minimum, self.maximum + 1), key=lambda k: (throughput(k), -k))

@@ -1,0 +1,314 @@
+"""The generation engine on real (tiny, random-weight) MiniCPM models and on an explicit bigram model.
+
+Exactness: greedy speculative decoding (with and without FR-Spec, batched with padding) reproduces plain greedy
+decoding token for token; a cropped KV cache continues exactly like a fresh one. Distribution: speculative
+sampling through the whole engine reproduces the target's sequence distribution, computed exactly for a bigram
+model whose next-token table is known.
+"""
+
+import copy
+import itertools
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
+from model.tokenizer import train_bpe_tokenizer
+from sft_synth.generation import GenerationEngine, GenerationSettings, SpeculativeConfig, TokenFrequencies
+from sft_synth.generation.frspec import tokenizer_fingerprint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: a parallel region costs more than it saves, and on a busy machine its threads stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHAKESPEARE = DATA / "text" / "tinyshakespeare.txt"
+PROMPTS = ["ROMEO:", "To be, or not to be", [{"role": "user", "content": "Speak, friend."}], "A"]
+GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def tiny_model(vocab_size: int, hidden: int, layers: int, seed: int) -> MiniCPMForCausalLM:
+    torch.manual_seed(seed)
+    # A wide initialisation makes random logits peaked, so greedy choices are far from ties.
+    config = MiniCPMConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5,
+    )
+    return MiniCPMForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:100_000]
+    return train_bpe_tokenizer([text], 400, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    vocab = tokenizer.get_vocab_size()
+    target = tiny_model(vocab, 64, 2, seed=0)
+    # A perturbed copy of the target agrees with it often but not always: both accept and reject paths run.
+    close_draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in close_draft.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return SimpleNamespace(target=target, close_draft=close_draft, small_draft=tiny_model(vocab, 32, 1, seed=1))
+
+
+@pytest.fixture(scope="module")
+def frequencies(tokenizer):
+    return TokenFrequencies.count(SHAKESPEARE, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(models, tokenizer):
+    return GenerationEngine(models.target, tokenizer).generate(PROMPTS, GREEDY)
+
+
+def test_batched_plain_decoding_matches_one_prompt_at_a_time(models, tokenizer, plain_greedy):
+    engine = GenerationEngine(models.target, tokenizer)
+    for prompt, batched in zip(PROMPTS, plain_greedy):
+        assert engine.generate([prompt], GREEDY)[0].token_ids == batched.token_ids
+    # And against a cache-free reference: argmax of a full forward pass over the whole sequence each step.
+    ids = list(plain_greedy[0].prompt_token_ids)
+    for _ in range(GREEDY.max_new_tokens):
+        ids.append(int(models.target(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert ids[len(plain_greedy[0].prompt_token_ids) :] == plain_greedy[0].token_ids
+
+
+@pytest.mark.parametrize("draft_name", ["close_draft", "small_draft"])
+@pytest.mark.parametrize("use_frspec", [False, True])
+def test_greedy_speculative_equals_plain_greedy(models, tokenizer, frequencies, plain_greedy, draft_name, use_frspec):
+    engine = GenerationEngine(
+        models.target, tokenizer, getattr(models, draft_name),
+        frspec_frequencies=frequencies if use_frspec else None,
+        speculative=SpeculativeConfig(num_draft_tokens=3, max_draft_tokens=5, draft_cost_ratio=0.1),
+    )
+    results = engine.generate(PROMPTS, GREEDY)
+    for plain, speculative in zip(plain_greedy, results):
+        assert speculative.token_ids == plain.token_ids
+        assert speculative.text == plain.text
+        stats = speculative.stats
+        assert sum(stats.accepted_lengths) == GREEDY.max_new_tokens
+        assert stats.target_steps == len(stats.accepted_lengths) <= GREEDY.max_new_tokens
+    if draft_name == "close_draft":  # the near-copy's drafts are accepted, so acceptances are verified too
+        assert all(r.stats.accepted_drafts > 0 for r in results)
+        alone = engine.generate(PROMPTS[:1], GREEDY)[0]
+        assert alone.token_ids == plain_greedy[0].token_ids
+        assert alone.stats.target_steps < GREEDY.max_new_tokens
+
+
+def test_speculative_sampling_is_deterministic_by_seed(models, tokenizer, frequencies):
+    engine = GenerationEngine(models.target, tokenizer, models.close_draft, frspec_frequencies=frequencies)
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.9, top_p=0.95, repetition_penalty=1.1, seed=5)
+    first, again = engine.generate(PROMPTS, settings), engine.generate(PROMPTS, settings)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    other = engine.generate(PROMPTS, settings.model_copy(update={"seed": 6}))
+    assert [g.token_ids for g in other] != [g.token_ids for g in first]
+
+
+def test_cache_rollback_is_exact(models):
+    """Feeding rejected tokens and cropping them leaves no trace: bit-identical to never having fed them."""
+    target = models.target
+    prefix, rejected, accepted = torch.tensor([[5, 17, 42, 7]]), torch.tensor([[99, 3, 12]]), torch.tensor([[8, 250]])
+    rolled_back_cache, direct_cache = target.new_cache(1, 16), target.new_cache(1, 16)
+    target(prefix, cache=rolled_back_cache)
+    target(rejected, cache=rolled_back_cache)
+    rolled_back_cache.crop(prefix.shape[1])
+    rolled_back = target(accepted, cache=rolled_back_cache).logits
+    target(prefix, cache=direct_cache)
+    direct = target(accepted, cache=direct_cache).logits
+    assert torch.equal(rolled_back, direct)
+    assert rolled_back_cache.length == direct_cache.length == 6
+    for layer in range(target.config.num_hidden_layers):
+        assert torch.equal(rolled_back_cache.keys[layer][:, :, :6], direct_cache.keys[layer][:, :, :6])
+        assert torch.equal(rolled_back_cache.values[layer][:, :, :6], direct_cache.values[layer][:, :, :6])
+    # And the cached computation agrees with one uncached pass over the whole sequence.
+    whole = target(torch.cat([prefix, accepted], dim=1)).logits[:, -accepted.shape[1] :]
+    torch.testing.assert_close(rolled_back, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_stop_strings_stop_tokens_and_max_tokens(models, tokenizer, plain_greedy, with_draft):
+    engine = GenerationEngine(models.target, tokenizer, models.close_draft if with_draft else None)
+    reference = plain_greedy[1]
+
+    short = engine.generate([PROMPTS[1]], GREEDY.model_copy(update={"max_new_tokens": 5}))[0]
+    assert short.token_ids == reference.token_ids[:5] and short.finish_reason == "length"
+
+    stop_token = reference.token_ids[6]
+    stopped = engine.generate([PROMPTS[1]], GREEDY.model_copy(update={"stop_token_ids": [stop_token]}))[0]
+    end = reference.token_ids.index(stop_token) + 1
+    assert stopped.token_ids == reference.token_ids[:end] and stopped.finish_reason == "stop"
+    assert stopped.text == tokenizer.decode(reference.token_ids[: end - 1], skip_special_tokens=False)
+
+    # A stop string made of the text of tokens 8-9: generation ends at the token completing its first occurrence.
+    stop = tokenizer.decode(reference.token_ids[8:10], skip_special_tokens=False)
+    cut = engine.generate([PROMPTS[1]], GREEDY.model_copy(update={"stop": [stop]}))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == reference.text[: reference.text.find(stop)]
+    assert cut.token_ids == reference.token_ids[: len(cut.token_ids)]
+    assert stop in tokenizer.decode(cut.token_ids, skip_special_tokens=False)
+    assert stop not in tokenizer.decode(cut.token_ids[:-1], skip_special_tokens=False)
+
+
+def test_eos_ends_generation_unless_ignored(models, tokenizer, plain_greedy):
+    engine = GenerationEngine(models.target, tokenizer)
+    reference = plain_greedy[0]
+    # Make the target's 4th greedy token the end-of-turn marker by teaching the engine it is an EOS id.
+    engine.eos_ids = [reference.token_ids[3]]
+    ended = engine.generate([PROMPTS[0]], GREEDY.model_copy(update={"ignore_eos": False}))[0]
+    assert ended.finish_reason == "stop" and ended.token_ids == reference.token_ids[: reference.token_ids.index(reference.token_ids[3]) + 1]
+
+
+def test_frspec_frequencies_subset_and_round_trip(tokenizer, tmp_path):
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(text.splitlines(keepends=True)[:3000]), encoding="utf-8")
+    frequencies = TokenFrequencies.count(corpus, tokenizer, batch_size=256)
+    expected = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.long)
+    for line in corpus.read_text(encoding="utf-8").splitlines(keepends=True):
+        for token in tokenizer.encode(line, add_special_tokens=False).ids:
+            expected[token] += 1
+    assert torch.equal(frequencies.counts, expected)
+
+    subset = frequencies.top_tokens(0.25, always_include=(2,))
+    ranked = sorted(range(expected.numel()), key=lambda t: (-int(expected[t]), t))[: math.ceil(0.25 * expected.numel())]
+    assert subset.tolist() == sorted(set(ranked) | {2})
+
+    frequencies.save(tmp_path)
+    loaded = TokenFrequencies.load(tmp_path)
+    assert torch.equal(loaded.counts, frequencies.counts)
+    loaded.check_tokenizer(tokenizer)
+    other = train_bpe_tokenizer([text[:50_000]], 300, tmp_path / "other")
+    with pytest.raises(ValueError, match="recount"):
+        loaded.check_tokenizer(other)
+    with pytest.raises(FileNotFoundError, match="FR-Spec"):
+        TokenFrequencies.load(tmp_path / "missing")
+
+
+def test_frequencies_from_a_dataset_version(tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["to be or not to be", "that is the question", ""]
+    pq.write_table(pa.table({"content": texts, "id": ["a", "b", "c"]}), tmp_path / "shard.parquet")
+    counts = TokenFrequencies.count(tmp_path / "shard.parquet", tokenizer).counts
+    assert int(counts.sum()) == sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts)
+    with pytest.raises(KeyError, match="text"):
+        TokenFrequencies.count(tmp_path / "shard.parquet", tokenizer, text_column="text")
+
+
+# ---------------------------------------------------------------------------------------------- bigram model
+
+
+class BigramCache:
+    def __init__(self):
+        self.length = 0
+
+    def crop(self, n: int) -> None:
+        assert 0 <= n <= self.length
+        self.length = n
+
+
+class BigramLM(nn.Module):
+    """Next-token logits depend only on the current token: logits = table[token]. Needs no real cache."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=table.shape[0])
+        self.embed = nn.Parameter(torch.eye(table.shape[0]))
+        self.head = nn.Parameter(table.T.contiguous())
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        return BigramCache()
+
+    def lm_head_weight(self):
+        return self.head
+
+    def final_hidden(self, input_ids, *, attention_mask=None, position_ids=None, cache=None):
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.embed[input_ids]
+
+    def forward(self, input_ids, *, attention_mask=None, position_ids=None, cache=None):
+        return SimpleNamespace(logits=self.final_hidden(input_ids, cache=cache, attention_mask=attention_mask) @ self.head.T)
+
+
+def bigram_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+
+
+@pytest.mark.parametrize("use_frspec", [False, True])
+def test_speculative_sampling_reproduces_the_target_sequence_distribution(use_frspec):
+    vocab, length, samples = 4, 3, 4000
+    generator = torch.Generator().manual_seed(0)
+    target_table = torch.randn(vocab, vocab, generator=generator) * 1.5
+    draft_table = target_table + 0.5 * torch.randn(vocab, vocab, generator=generator)
+    tokenizer = bigram_tokenizer(vocab)
+    frequencies = None
+    if use_frspec:  # the draft can only propose tokens 1 and 2; tokens 0 and 3 come from corrections only
+        frequencies = TokenFrequencies(torch.tensor([1, 5, 4, 0]), tokenizer_fingerprint(tokenizer), "test")
+    engine = GenerationEngine(
+        BigramLM(target_table), tokenizer, BigramLM(draft_table), add_bos=False, max_batch_size=4,
+        frspec_frequencies=frequencies,
+        speculative=SpeculativeConfig(num_draft_tokens=2, max_draft_tokens=3, frspec_fraction=0.5),
+    )
+    if use_frspec:
+        assert engine.frspec_head.token_ids.tolist() == [1, 2]
+    settings = GenerationSettings(max_new_tokens=length, temperature=0.8, seed=11)
+    results = engine.generate_from_ids([[0]] * samples, settings)
+    counts = torch.zeros([vocab] * length, dtype=torch.float64)
+    for result in results:
+        counts[tuple(result.token_ids)] += 1
+    assert any(max(r.stats.accepted_lengths) > 1 for r in results)
+
+    next_token = torch.softmax(target_table.double() / 0.8, dim=-1)
+    exact = torch.zeros([vocab] * length, dtype=torch.float64)
+    for seq in itertools.product(range(vocab), repeat=length):
+        prob, previous = 1.0, 0
+        for token in seq:
+            prob, previous = prob * next_token[previous, token], token
+        exact[seq] = prob
+    expected, observed = exact.flatten() * samples, counts.flatten()
+    # Cells expected fewer than 5 times are pooled, as the chi-square approximation needs.
+    rare = expected < 5
+    expected = torch.cat([expected[~rare], expected[rare].sum()[None]])
+    observed = torch.cat([observed[~rare], observed[rare].sum()[None]])
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    dof = expected.numel() - 1
+    critical = dof * (1 - 2 / (9 * dof) + 3.0902 * math.sqrt(2 / (9 * dof))) ** 3  # chi-square upper 0.1%
+    assert stat < critical, stat
+
+
+def test_from_pretrained_loads_checkpoints_tokenizer_and_frspec(models, tokenizer, frequencies, plain_greedy, tmp_path):
+    target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
+    models.target.save_pretrained(target_dir)
+    tokenizer.save(str(target_dir / "tokenizer.json"))
+    models.small_draft.save_pretrained(draft_dir)
+    with pytest.raises(FileNotFoundError, match="FR-Spec"):
+        GenerationEngine.from_pretrained(target_dir, draft_dir, frspec=True)
+    assert GenerationEngine.from_pretrained(target_dir, draft_dir).frspec_head is None
+    frequencies.save(draft_dir)
+    engine = GenerationEngine.from_pretrained(target_dir, draft_dir)
+    assert engine.frspec_head.token_ids.numel() >= math.ceil(0.25 * tokenizer.get_vocab_size())
+    # The chat prompt is rendered with the MiniCPM template after <s>.
+    chat = PROMPTS[2]
+    expected_prompt = [tokenizer.token_to_id("<s>")] + tokenizer.encode(
+        "<|im_start|>user\nSpeak, friend.<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    ).ids
+    assert engine.encode_prompt(chat) == expected_prompt
+    assert expected_prompt.count(tokenizer.token_to_id("<|im_start|>")) == 2
+    assert [g.token_ids for g in engine.generate(PROMPTS, GREEDY)] == [g.token_ids for g in plain_greedy]
