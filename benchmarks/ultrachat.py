@@ -1,0 +1,194 @@
+"""UltraChat synthesis speed: dialogues/s and generated tokens/s, speculative decoding vs plain, same seeds.
+
+The target and the draft are the pair that benchmarks/generate.py trains (the proxy-tiny target on TinyShakespeare,
+a smaller draft distilled from it, FR-Spec counts beside the draft), cached under --work-dir. The synthesis runs
+in-process (no Ray: one engine, as inside one generation actor) over the same seeds of every family from
+configs/ultrachat.yaml with a plain and a speculative engine on the same target; figures are ratios against the
+plain run in the same process. Greedy decoding must give identical dialogues in both modes (speculation is
+lossless); sampled runs are compared on speed only.
+
+    python benchmarks/ultrachat.py                               # CPU, small sizes (trains the pair first)
+    python benchmarks/ultrachat.py --target T --draft D          # an existing pair
+    python benchmarks/ultrachat.py --size large --device cuda    # GPU sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.versioning import atomic_write_text
+from sft_synth.config import UltraChatConfig, parse_config
+from sft_synth.dialogue import DialogueSynthesizer
+from sft_synth.generation import GenerationEngine, SpeculativeConfig
+from sft_synth.seeds import build_seeds
+
+SHAKESPEARE = Path("../shared/data/text/tinyshakespeare.txt")
+SIZES = {
+    "small": {"seeds_per_family": 4, "turns": 2, "max_new_tokens": 48, "batch_sizes": [1, 4]},
+    "large": {"seeds_per_family": 32, "turns": 3, "max_new_tokens": 256, "batch_sizes": [1, 16]},
+}
+
+
+def load_generate_benchmark():
+    spec = importlib.util.spec_from_file_location("generate_benchmark", REPO / "benchmarks" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def benchmark_config(work: Path, size: dict, temperature: float, speculative: bool) -> UltraChatConfig:
+    """configs/ultrachat.yaml with the benchmark's counts and lengths; documents from a TinyShakespeare file."""
+    data = yaml.safe_load((REPO / "configs" / "ultrachat.yaml").read_text())
+    documents = work / "documents.parquet"
+    if not documents.is_file():
+        paragraphs = [p for p in SHAKESPEARE.read_text(encoding="utf-8").split("\n\n") if len(p) > 200]
+        scenes = ["\n\n".join(paragraphs[i : i + 10]) for i in range(0, len(paragraphs) - 10, 10)]
+        pq.write_table(pa.table({"content": paragraphs + scenes}), documents)
+    data["families"]["knowledge"]["source"] |= {"path": str(documents), "min_chars": 200, "max_chars": 1000}
+    data["families"]["long_context"]["source"] |= {"path": str(documents), "min_chars": 2000, "max_chars": 3000}
+    data["families"]["reasoning"]["source"] = str(REPO / ".." / "shared" / "data" / "bench" / "gsm8k" / "train.jsonl")
+    for family in data["families"].values():
+        family["count"], family["turns"] = size["seeds_per_family"], size["turns"]
+        for role in ("assistant", "user", "tool"):
+            if role in family:
+                family[role] = {**family[role], "max_new_tokens": size["max_new_tokens"], "temperature": temperature,
+                                "speculative": speculative, "seed": 0}
+    return parse_config(data, "benchmark config")
+
+
+class MeasuredEngine:
+    """The engine as the synthesizer sees it, counting target forward passes and the tokens they committed."""
+
+    def __init__(self, engine: GenerationEngine):
+        self.engine, self.target_steps, self.tokens = engine, 0, 0
+
+    def generate(self, prompts, settings):
+        generations = self.engine.generate(prompts, settings)
+        self.target_steps += sum(g.stats.target_steps for g in generations)
+        self.tokens += sum(len(g.token_ids) for g in generations)
+        return generations
+
+
+def run_synthesis(engine: GenerationEngine, config: UltraChatConfig, seeds: dict, batch_size: int, device) -> dict:
+    engine = MeasuredEngine(engine)
+    dialogues, tokens = [], 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for family, family_seeds in seeds.items():
+        synthesizer = DialogueSynthesizer(engine, family, getattr(config.families, family), config.seed)
+        for chunk, begin in enumerate(range(0, len(family_seeds), batch_size)):
+            records = synthesizer.synthesize(family_seeds[begin : begin + batch_size], chunk)
+            dialogues += records
+            tokens += sum(r["generated_tokens"] for r in records)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"dialogues": len(dialogues), "tokens": tokens, "seconds": seconds,
+            "dialogues_per_s": len(dialogues) / seconds, "tokens_per_s": tokens / seconds,
+            "mean_accepted_length": engine.tokens / max(engine.target_steps, 1),
+            "messages": [r["messages"] for r in dialogues]}
+
+
+def write_chart(path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["runs"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
+    for offset, mode in enumerate(("plain", "speculative")):
+        values = [report["runs"][n][mode]["tokens_per_s"] for n in names]
+        ax.bar([i + 0.4 * offset for i in range(len(names))], values, width=0.4, label=mode)
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=15)
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title("UltraChat synthesis: plain vs speculative decoding")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-dir", default=None, help="trained models are cached here (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the fastest of each mode counts")
+    parser.add_argument("--target", help="target checkpoint dir (default: train the pair as benchmarks/generate.py)")
+    parser.add_argument("--draft", help="draft checkpoint dir, with FR-Spec counts if it has them")
+    args = parser.parse_args()
+    os.chdir(REPO)  # the shared data is addressed relative to the repository root
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="ultrachat-bench-")
+    size = SIZES[args.size]
+    device = torch.device(args.device)
+
+    if args.target and args.draft:
+        target_dir, draft_dir = Path(args.target), Path(args.draft)
+    else:
+        generate = load_generate_benchmark()
+        models_args = argparse.Namespace(work_dir=args.work_dir, device=args.device, corpus=str(SHAKESPEARE))
+        target_dir, draft_dir = generate.build_models(models_args, generate.SIZES[args.size])
+    speculative = SpeculativeConfig(max_draft_tokens=10)
+    engine = GenerationEngine.from_pretrained(target_dir, draft_dir, device=device, speculative=speculative,
+                                              max_batch_size=max(size["batch_sizes"]))
+
+    work = Path(args.work_dir)
+    report = {"size": args.size, "device": str(device), "threads": torch.get_num_threads(),
+              "frspec": engine.frspec_head is not None, "runs": {}}
+    for temperature in (0.0, 0.7):
+        configs = {mode: benchmark_config(work, size, temperature, mode == "speculative")
+                   for mode in ("plain", "speculative")}
+        seeds = build_seeds(configs["plain"], REPO)
+        for batch_size in size["batch_sizes"]:
+            name = f"{'greedy' if temperature == 0 else f'T={temperature}'}, batch {batch_size}"
+            runs = {}
+            for _ in range(args.rounds):  # interleaved, best of rounds: robust to other load on the machine
+                for mode, config in configs.items():
+                    run = run_synthesis(engine, config, seeds, batch_size, device)
+                    if mode not in runs or run["seconds"] < runs[mode]["seconds"]:
+                        runs[mode] = run
+            report["runs"][name] = runs
+            plain, spec = runs["plain"], runs["speculative"]
+            print(f"\n{name}: {plain['dialogues']} dialogues ({len(seeds)} families x {size['seeds_per_family']}, "
+                  f"{size['turns']} turns, <= {size['max_new_tokens']} new tokens per message)")
+            print(f"  {'mode':<13}{'dialogues/s':>12}{'tokens/s':>10}{'tokens':>8}{'speed-up':>10}{'accepted length':>17}")
+            for mode, figures in runs.items():
+                print(f"  {mode:<13}{figures['dialogues_per_s']:>12.3f}{figures['tokens_per_s']:>10.1f}"
+                      f"{figures['tokens']:>8}{figures['tokens_per_s'] / plain['tokens_per_s']:>9.2f}x"
+                      f"{figures['mean_accepted_length']:>17.2f}")
+            if temperature == 0:
+                print(f"  greedy dialogues identical in both modes: {plain['messages'] == spec['messages']}")
+    for runs in report["runs"].values():
+        for figures in runs.values():
+            del figures["messages"]
+    out = work / "ultrachat_benchmark.json"
+    atomic_write_text(out, json.dumps(report, indent=1))
+    write_chart(out.with_suffix(".png"), report)
+    print(f"\nmodels: target {target_dir}, draft {draft_dir} (FR-Spec: {report['frspec']})")
+    print(f"report: {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

