@@ -1,0 +1,119 @@
+"""``python -m verification.run CONFIG``: verify candidate pools by two-stage annealing of the proxy.
+
+Stage 1 (warmup + stable on the base mix) is trained once and reused; then every (candidate or baseline, seed)
+anneal runs as its own Ray task with the resources it asks for, each evaluated on the reference sets and MMLU;
+the decision rule turns the per-seed deltas into keep / reject / inconclusive, and a report is written.
+
+    python -m verification.run configs/verify-tiny.yaml [--work-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from pipelines.runtime import ensure_ray, gather
+from pipelines.versioning import canonical_json
+from verification.anneal import AnnealRun, check_candidate_size, run_anneal_task
+from verification.config import (
+    BASELINE,
+    Candidate,
+    VerificationConfig,
+    VerificationConfigError,
+    load_verification_config,
+)
+from verification.decide import KEEP, Decision, decide
+from verification.report import write_report
+from verification.stage1 import Stage1Checkpoint, Stage1Mismatch, ensure_stage1, remote_options
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    decisions: dict[str, Decision]
+    stage1: Stage1Checkpoint
+    runs: list[dict]
+    report_path: Path
+    seconds: float
+
+    @property
+    def kept(self) -> list[str]:
+        return [name for name, d in self.decisions.items() if d.verdict == KEEP]
+
+
+def verify(config: VerificationConfig, candidates: list[Candidate] | None = None) -> VerificationResult:
+    """Verify config.candidates (or the given ones) against the baseline anneal; Ray must be reachable."""
+    started = time.perf_counter()
+    candidates = config.candidates if candidates is None else candidates
+    if not candidates:
+        raise ValueError("nothing to verify: no candidates")
+    ensure_ray()
+    stage1 = ensure_stage1(config)
+    for candidate in candidates:
+        check_candidate_size(config, candidate, stage1)
+    runs = [AnnealRun.baseline(config, seed) for seed in config.anneal.seeds]
+    runs += [AnnealRun.for_candidate(config, c, seed) for c in candidates for seed in config.anneal.seeds]
+    task = ray.remote(run_anneal_task)
+    refs = [task.options(**remote_options(run.resources)).remote(run, config, stage1) for run in runs]
+    records = gather(refs, "anneal")
+    failures = [f"{run.name} seed {run.seed}: {r}" for run, r in zip(runs, records) if isinstance(r, Exception)]
+    if failures:
+        raise RuntimeError("anneal runs failed:\n" + "\n".join(failures))
+    baseline = {r["seed"]: r["metrics"] for r in records if r["name"] == BASELINE}
+    decisions = {
+        c.name: decide(
+            c.name, {r["seed"]: r["metrics"] for r in records if r["name"] == c.name}, baseline, config.decision
+        )
+        for c in candidates
+    }
+    report_key = hashlib.sha256(
+        canonical_json([r["directory"] for r in records] + [config.decision.model_dump()]).encode()
+    ).hexdigest()[:16]
+    report_path = write_report(
+        Path(config.work_dir).resolve() / "reports" / f"report-{report_key}",
+        summary={
+            "stage1": {"key": stage1.key, "checkpoint": str(stage1.checkpoint_dir), "reused": not stage1.trained,
+                       "steps": stage1.record["steps"], "tokens": stage1.record["tokens"]},
+            "candidates": [c.model_dump() for c in candidates],
+            "anneal": config.anneal.model_dump(),
+            "decision_rule": config.decision.model_dump(),
+        },
+        runs=records,
+        decisions=decisions,
+    )
+    return VerificationResult(decisions, stage1, records, report_path, time.perf_counter() - started)
+
+
+def format_decisions(result: VerificationResult) -> str:
+    lines = [f"stage 1 {result.stage1.key}: {'reused' if not result.stage1.trained else 'trained'}"]
+    for name, decision in result.decisions.items():
+        seeds = ", ".join(f"{v:+.4f}" for v in decision.improvements.values())
+        lines.append(f"{name:<24} {decision.verdict:<13} {decision.metric} per seed [{seeds}]")
+    lines.append(f"report: {result.report_path} ({result.seconds:.1f} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m verification.run", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="verification YAML (see configs/verify-tiny.yaml)")
+    parser.add_argument("--work-dir", help="override work_dir")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_verification_config(args.config)
+        if args.work_dir:
+            config = config.model_copy(update={"work_dir": args.work_dir})
+        result = verify(config)
+    except (VerificationConfigError, FileNotFoundError, Stage1Mismatch, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_decisions(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
