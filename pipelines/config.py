@@ -6,15 +6,28 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
+from stages.classifier import ClassifierConfig
 from stages.dedup import DedupConfig
 from stages.extract import ExtractConfig
 from stages.heuristics import FilterConfig, default_filters
 from stages.langid import LangIdConfig
 from stages.readers import InputFormat, ReadConfig
+from stages.scoring import ScoringConfig
+from stages.select import SelectConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+Step = Literal["ingest", "train_classifier", "score", "select"]
+STEP_ORDER: tuple[Step, ...] = ("ingest", "train_classifier", "score", "select")
 
 
 class ConfigError(ValueError):
@@ -52,7 +65,10 @@ class UltraCleanConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "ultraclean"
-    inputs: list[InputSpec] = Field(min_length=1)
+    steps: list[Step] = Field(
+        default_factory=lambda: ["ingest"], description="what `python -m pipelines.ultraclean run` does, in order"
+    )
+    inputs: list[InputSpec] = Field(default_factory=list)
     read: ReadConfig = Field(default_factory=ReadConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     langid: LangIdConfig = Field(default_factory=LangIdConfig)
@@ -60,6 +76,23 @@ class UltraCleanConfig(BaseModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    classifier: ClassifierConfig | None = Field(None, description="quality classifier training (train_classifier)")
+    scoring: ScoringConfig | None = Field(None, description="scoring a dataset version (score); defaults if absent")
+    select: SelectConfig | None = Field(None, description="keeping the high-scoring documents (select)")
+
+    @model_validator(mode="after")
+    def steps_have_what_they_need(self) -> UltraCleanConfig:
+        if len(set(self.steps)) != len(self.steps) or self.steps != sorted(self.steps, key=STEP_ORDER.index):
+            raise ValueError(f"steps must be distinct and in pipeline order {list(STEP_ORDER)}, got {self.steps}")
+        if "ingest" in self.steps and not self.inputs:
+            raise ValueError("inputs: the ingest step needs at least one input")
+        if "train_classifier" in self.steps and self.classifier is None:
+            raise ValueError("classifier: the train_classifier step needs a classifier section (seed pools)")
+        if "select" in self.steps and self.select is None:
+            raise ValueError("select: the select step needs a select section (threshold or top_fraction)")
+        if self.scoring is None:
+            self.scoring = ScoringConfig()
+        return self
 
 
 def _describe(error: ValidationError, source: str) -> str:

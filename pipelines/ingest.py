@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from tokenizers import Tokenizer
 
 from pipelines.config import ConfigError, UltraCleanConfig
 from pipelines.runtime import ensure_ray, gather
@@ -36,8 +35,11 @@ from pipelines.versioning import (
     canonical_json,
     code_version,
     compute_version_id,
+    dataset_card,
+    describe_shard,
     publish_version,
     sha256_file,
+    shard_totals,
 )
 from stages.base import Accounting, QuarantineEntry
 from stages.dedup import MinHasher, band_duplicate_pairs, cluster_duplicates, content_hash, first_in_group
@@ -212,19 +214,7 @@ def write_shard(pieces: list[tuple[str, list[int]]], out_path: str, config_data:
         tmp = out.with_name(f".{out.name}.tmp")
         pq.write_table(shard, tmp, row_group_size=config.output.row_group_rows, **_writer_options(config))
         tmp.replace(out)
-    contents = pq.read_table(out, columns=["content"])["content"].to_pylist()
-    tokens = None
-    if config.output.tokenizer:
-        tokenizer = Tokenizer.from_file(config.output.tokenizer)
-        tokens = sum(len(e.ids) for e in tokenizer.encode_batch(contents, add_special_tokens=False))
-    return {
-        "path": f"{SHARD_DIR}/{out.name}",
-        "rows": len(contents),
-        "bytes": out.stat().st_size,
-        "sha256": sha256_file(out),
-        "characters": sum(len(c) for c in contents),
-        "tokens": tokens,
-    }
+    return describe_shard(out, config.output.tokenizer)
 
 
 def plan_shards(part_orders: list[tuple[str, np.ndarray]], rows_per_shard: int) -> list[list[tuple[str, list[int]]]]:
@@ -243,9 +233,15 @@ def plan_shards(part_orders: list[tuple[str, np.ndarray]], rows_per_shard: int) 
     return [shard for shard in shards if shard]
 
 
+INGEST_SECTIONS = {"name", "read", "extract", "langid", "filters", "dedup", "output"}
+
+
 def content_config(config: UltraCleanConfig) -> dict:
-    """The config as it shapes the dataset's content: no cluster address, no output location."""
-    return config.model_dump(mode="json", exclude={"inputs": True, "ray": True, "output": {"root", "keep_work"}})
+    """The config as it shapes the ingested content: no cluster address, no output location, no later steps."""
+    data = config.model_dump(mode="json", include=INGEST_SECTIONS)
+    for key in ("root", "keep_work"):
+        data["output"].pop(key)
+    return data
 
 
 def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | None = None) -> IngestResult:
@@ -345,7 +341,6 @@ def build_manifest(version_id, config, input_ids, inputs, accountings, dedup, sh
     quarantined = sum(a.quarantined_records for a in accountings)
     if records_in != kept + dropped + quarantined:
         raise RuntimeError(f"accounting does not add up: {records_in} in != {kept} kept + {dropped} dropped + {quarantined} quarantined")
-    tokens = [s["tokens"] for s in shards]
     return {
         "format": MANIFEST_FORMAT,
         "version_id": version_id,
@@ -359,12 +354,7 @@ def build_manifest(version_id, config, input_ids, inputs, accountings, dedup, sh
         "config": content_config(config),
         "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
         "shards": shards,
-        "totals": {
-            "rows": kept,
-            "bytes": sum(s["bytes"] for s in shards),
-            "characters": sum(s["characters"] for s in shards),
-            "tokens": sum(tokens) if tokens and all(t is not None for t in tokens) else None,
-        },
+        "totals": shard_totals(shards),
         "accounting": {
             "records_in": records_in,
             "kept": kept,
@@ -374,44 +364,3 @@ def build_manifest(version_id, config, input_ids, inputs, accountings, dedup, sh
         },
         "stages": stages,
     }
-
-
-def dataset_card(manifest: dict) -> str:
-    totals, accounting = manifest["totals"], manifest["accounting"]
-    stage_lines = "\n".join(
-        f"| {s['stage']} | {s['in']} | {s['out']} | {sum(s['dropped'].values())} | {s['quarantined']} | "
-        f"{', '.join(f'{k}: {v}' for k, v in s['dropped'].items()) or '-'} |"
-        for s in manifest["stages"]
-    )
-    return f"""# {manifest['name']} — dataset version `{manifest['version_id']}`
-
-Web text filtered by UltraClean (Ultra-FineWeb style): one document per row.
-Produced by `ultraclean-factory {manifest['code_version']}`; parent version: {manifest['parent'] or 'none'}.
-
-| | |
-|---|---|
-| documents | {totals['rows']} |
-| shards | {len(manifest['shards'])} |
-| characters | {totals['characters']} |
-| tokens | {totals['tokens'] if totals['tokens'] is not None else 'not counted'} |
-| input records | {accounting['records_in']} (kept {accounting['kept']}, dropped {accounting['dropped']}, quarantined {accounting['quarantined']}) |
-
-## Columns
-{chr(10).join(f'- `{name}`: {dtype}' for name, dtype in manifest['schema'].items())}
-
-## Where every input record went
-| stage | in | out | dropped | quarantined | reasons |
-|---|---|---|---|---|---|
-{stage_lines}
-
-Quarantined inputs and their errors: `quarantine.jsonl`. Checksums: `manifest.json` (`python -m pipelines.ultraclean verify <this directory>`).
-
-## Loading
-```python
-import datasets, polars, pyarrow.dataset
-files = [f"<this directory>/{{s['path']}}" for s in manifest["shards"]]
-datasets.load_dataset("parquet", data_files=files, split="train")
-polars.read_parquet(files)
-pyarrow.dataset.dataset(files).to_table()
-```
-"""

@@ -1,7 +1,10 @@
 """``python -m pipelines.ultraclean``: the UltraClean job, locally or under ``ray job submit``.
 
-    python -m pipelines.ultraclean [--config configs/x.yaml] [--output DIR]   # run (embedded default config)
-    python -m pipelines.ultraclean verify DIR                                  # re-check a version's checksums
+    python -m pipelines.ultraclean [run] [--config configs/x.yaml] [--output DIR]  # the config's `steps` in order
+    python -m pipelines.ultraclean ingest|train-classifier|score|select --config X  # one step alone
+        score/select: [--version DIR] (default: the config's input, else output.root's latest)
+        score:        [--classifier DIR] (default: scoring.classifier, else classifier.output_root's latest)
+    python -m pipelines.ultraclean verify DIR                                       # re-check a version's checksums
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, load_config
+from pipelines.classify import StepResult, score_version, select_version
+from pipelines.config import STEP_ORDER, ConfigError, UltraCleanConfig, load_config
 from pipelines.ingest import IngestResult, run_ingest
 from pipelines.versioning import DatasetVersion, verify_version
+from stages.classifier import ClassifierError, train_classifier
+from stages.seeds import SeedPoolError
+
+COMMAND_STEPS = {"ingest": "ingest", "train-classifier": "train_classifier", "score": "score", "select": "select"}
 
 
 def format_summary(result: IngestResult) -> str:
@@ -35,18 +43,76 @@ def format_summary(result: IngestResult) -> str:
     return "\n".join(lines)
 
 
-def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ultraclean", description="Run the UltraClean job.")
+def format_step(result: StepResult) -> str:
+    row = result.manifest["stages"][0]
+    reasons = ", ".join(f"{k}={v}" for k, v in row["dropped"].items()) or "-"
+    return f"{row['stage']}: {row['in']} in, {row['out']} out, dropped {reasons}; {result.seconds:.1f} s"
+
+
+def run_steps(config: UltraCleanConfig, base_dir: Path, steps: list[str], output: Path | None = None,
+              version: Path | None = None, classifier: Path | None = None) -> Path | None:
+    """Run the steps in pipeline order, each feeding the next; returns the last dataset version written."""
+    if version is None:
+        configured = {"score": config.scoring.input, "select": config.select.input if config.select else None}
+        first = next((s for s in STEP_ORDER if s in steps and s in configured), None)
+        if first and configured[first]:
+            version = Path(configured[first])
+    root = output or Path(config.output.root)
+    for step in STEP_ORDER:
+        if step not in steps:
+            continue
+        if step == "ingest":
+            result = run_ingest(config, base_dir, output)
+            print("nothing to do: version already complete" if result.reused else format_summary(result))
+            version = result.version_path
+        elif step == "train_classifier":
+            if config.classifier is None:
+                raise ConfigError("classifier: train-classifier needs a classifier section with seed pools")
+            trained = train_classifier(config.classifier, base_dir)
+            metrics = trained.metadata["metrics"]
+            print(f"classifier {trained.path.name}{' (reused)' if trained.reused else ''}: held-out ROC-AUC "
+                  f"{metrics['roc_auc']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
+                  f"F1 {metrics['f1']:.3f}\nclassifier: {trained.path}")
+            classifier = trained.path
+        elif step == "score":
+            if classifier is None:
+                if config.scoring.classifier:
+                    classifier = Path(config.scoring.classifier)
+                elif config.classifier is not None:
+                    classifier = Path(config.classifier.output_root)
+                else:
+                    raise ConfigError("scoring.classifier: no classifier to score with (set it, pass --classifier, "
+                                      "or add a classifier section and train one)")
+            result = score_version(config, version or root, classifier, output)
+            print(("reused " if result.reused else "") + format_step(result))
+            version = result.version_path
+        else:
+            result = select_version(config, version or root, output)
+            print(("reused " if result.reused else "") + format_step(result))
+            version = result.version_path
+        if step != "train_classifier":
+            print(f"dataset version: {version}")
+    return version
+
+
+def _run(argv: list[str], command: str = "run") -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.ultraclean {command}",
+                                     description="Run the UltraClean job (or one step of it).")
     parser.add_argument("--config", help="YAML config (default: the embedded configs/default.yaml)")
     parser.add_argument("--output", help="dataset root, overriding output.root")
+    if command in ("score", "select"):
+        parser.add_argument("--version", help="dataset version (or root) to read, overriding the config")
+    if command == "score":
+        parser.add_argument("--classifier", help="classifier directory (or root), overriding scoring.classifier")
     args = parser.parse_args(argv)
     config, base_dir = load_config(args.config)
-    result = run_ingest(config, base_dir, Path(args.output) if args.output else None)
-    if result.reused:
-        print(f"version {result.version_path.name} already complete at {result.version_path}: nothing to do")
-    else:
-        print(format_summary(result))
-    print(f"dataset version: {result.version_path}")
+    steps = config.steps if command == "run" else [COMMAND_STEPS[command]]
+    if command == "select" and config.select is None:
+        raise ConfigError("select: the select step needs a select section (threshold or top_fraction)")
+    version = getattr(args, "version", None)
+    classifier = getattr(args, "classifier", None)
+    run_steps(config, base_dir, steps, Path(args.output) if args.output else None,
+              Path(version) if version else None, Path(classifier) if classifier else None)
     return 0
 
 
@@ -67,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["verify"]:
             return _verify(argv[1:])
-        return _run(argv[1:] if argv[:1] == ["run"] else argv)
-    except (ConfigError, FileNotFoundError) as error:
+        if argv[:1] and argv[0] in ("run", *COMMAND_STEPS):
+            return _run(argv[1:], argv[0])
+        return _run(argv)
+    except (ConfigError, FileNotFoundError, ClassifierError, SeedPoolError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 MANIFEST_NAME = "manifest.json"
 CARD_NAME = "README.md"
 LATEST_NAME = "latest"
@@ -140,3 +142,73 @@ def publish_version(staging: Path, root: Path, version_id: str) -> Path:
     os.replace(staging, final)
     atomic_write_text(root / LATEST_NAME, version_id + "\n")
     return final
+
+
+def describe_shard(path: Path, tokenizer: str | None = None, text_column: str = "content") -> dict:
+    """A shard's manifest entry: its path inside the version, rows, bytes, sha256, characters, tokens (if counted)."""
+    contents = pq.read_table(path, columns=[text_column])[text_column].to_pylist()
+    tokens = None
+    if tokenizer:
+        from tokenizers import Tokenizer
+
+        encoder = Tokenizer.from_file(tokenizer)
+        tokens = sum(len(e.ids) for e in encoder.encode_batch([c or "" for c in contents], add_special_tokens=False))
+    return {
+        "path": f"{SHARD_DIR}/{Path(path).name}",
+        "rows": len(contents),
+        "bytes": Path(path).stat().st_size,
+        "sha256": sha256_file(path),
+        "characters": sum(len(c) for c in contents if c),
+        "tokens": tokens,
+    }
+
+
+def shard_totals(shards: list[dict]) -> dict:
+    tokens = [s["tokens"] for s in shards]
+    return {
+        "rows": sum(s["rows"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "characters": sum(s["characters"] for s in shards),
+        "tokens": sum(tokens) if tokens and all(t is not None for t in tokens) else None,
+    }
+
+
+def dataset_card(manifest: dict) -> str:
+    totals, accounting = manifest["totals"], manifest["accounting"]
+    stage_lines = "\n".join(
+        f"| {s['stage']} | {s['in']} | {s['out']} | {sum(s['dropped'].values())} | {s['quarantined']} | "
+        f"{', '.join(f'{k}: {v}' for k, v in s['dropped'].items()) or '-'} |"
+        for s in manifest["stages"]
+    )
+    return f"""# {manifest['name']} — dataset version `{manifest['version_id']}`
+
+Web text filtered by UltraClean (Ultra-FineWeb style): one document per row.
+Produced by `ultraclean-factory {manifest['code_version']}`; parent version: {manifest['parent'] or 'none'}.
+
+| | |
+|---|---|
+| documents | {totals['rows']} |
+| shards | {len(manifest['shards'])} |
+| characters | {totals['characters']} |
+| tokens | {totals['tokens'] if totals['tokens'] is not None else 'not counted'} |
+| input records | {accounting['records_in']} (kept {accounting['kept']}, dropped {accounting['dropped']}, quarantined {accounting['quarantined']}) |
+
+## Columns
+{chr(10).join(f'- `{name}`: {dtype}' for name, dtype in manifest['schema'].items())}
+
+## Where every input record went
+| stage | in | out | dropped | quarantined | reasons |
+|---|---|---|---|---|---|
+{stage_lines}
+
+Quarantined inputs and their errors: `quarantine.jsonl`. Checksums: `manifest.json` (`python -m pipelines.ultraclean verify <this directory>`).
+
+## Loading
+```python
+import datasets, polars, pyarrow.dataset
+files = [f"<this directory>/{{s['path']}}" for s in manifest["shards"]]
+datasets.load_dataset("parquet", data_files=files, split="train")
+polars.read_parquet(files)
+pyarrow.dataset.dataset(files).to_table()
+```
+"""
