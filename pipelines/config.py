@@ -24,10 +24,11 @@ from stages.langid import LangIdConfig
 from stages.readers import InputFormat, ReadConfig
 from stages.scoring import ScoringConfig
 from stages.select import SelectConfig
+from verification.config import VerificationConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-Step = Literal["ingest", "train_classifier", "score", "select"]
-STEP_ORDER: tuple[Step, ...] = ("ingest", "train_classifier", "score", "select")
+Step = Literal["ingest", "verify_seeds", "train_classifier", "score", "select", "verify_output"]
+STEP_ORDER: tuple[Step, ...] = ("ingest", "verify_seeds", "train_classifier", "score", "select", "verify_output")
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,9 @@ class UltraCleanConfig(BaseModel):
     classifier: ClassifierConfig | None = Field(None, description="quality classifier training (train_classifier)")
     scoring: ScoringConfig | None = Field(None, description="scoring a dataset version (score); defaults if absent")
     select: SelectConfig | None = Field(None, description="keeping the high-scoring documents (select)")
+    verification: VerificationConfig | None = Field(
+        None, description="annealing verification of the positive seed pools (verify_seeds) and of the output"
+    )
 
     @model_validator(mode="after")
     def steps_have_what_they_need(self) -> UltraCleanConfig:
@@ -90,6 +94,11 @@ class UltraCleanConfig(BaseModel):
             raise ValueError("classifier: the train_classifier step needs a classifier section (seed pools)")
         if "select" in self.steps and self.select is None:
             raise ValueError("select: the select step needs a select section (threshold or top_fraction)")
+        for step in ("verify_seeds", "verify_output"):
+            if step in self.steps and self.verification is None:
+                raise ValueError(f"verification: the {step} step needs a verification section (proxy, base mix)")
+        if "verify_seeds" in self.steps and self.classifier is None:
+            raise ValueError("classifier: verify_seeds verifies the classifier's positive seed sources; add that section")
         if self.scoring is None:
             self.scoring = ScoringConfig()
         return self

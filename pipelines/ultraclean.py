@@ -4,12 +4,14 @@
     python -m pipelines.ultraclean ingest|train-classifier|score|select --config X  # one step alone
         score/select: [--version DIR] (default: the config's input, else output.root's latest)
         score:        [--classifier DIR] (default: scoring.classifier, else classifier.output_root's latest)
+    python -m pipelines.ultraclean verify-seeds|verify-output --config X            # annealing verification alone
     python -m pipelines.ultraclean verify DIR                                       # re-check a version's checksums
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -17,10 +19,50 @@ from pipelines.classify import StepResult, score_version, select_version
 from pipelines.config import STEP_ORDER, ConfigError, UltraCleanConfig, load_config
 from pipelines.ingest import IngestResult, run_ingest
 from pipelines.versioning import DatasetVersion, verify_version
-from stages.classifier import ClassifierError, train_classifier
+from stages.classifier import ClassifierConfig, ClassifierError, train_classifier
 from stages.seeds import SeedPoolError
+from verification.config import Candidate
+from verification.run import format_decisions, verify
 
-COMMAND_STEPS = {"ingest": "ingest", "train-classifier": "train_classifier", "score": "score", "select": "select"}
+COMMAND_STEPS = {
+    "ingest": "ingest",
+    "verify-seeds": "verify_seeds",
+    "train-classifier": "train_classifier",
+    "score": "score",
+    "select": "select",
+    "verify-output": "verify_output",
+}
+
+
+class VerificationRejected(ValueError):
+    """Verification kept none of the positive seed sources: there is nothing trustworthy to train on."""
+
+
+def seed_candidates(config: UltraCleanConfig, base_dir: Path) -> list[Candidate]:
+    """One verification candidate per positive seed source, named after its file."""
+    candidates: list[Candidate] = []
+    for source in config.classifier.seeds.positive.sources:
+        path = Path(source.path) if Path(source.path).is_absolute() else (base_dir / source.path).resolve()
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name.split(".")[0]).strip("-.") or "seeds"
+        if name in {c.name for c in candidates}:
+            name = f"{name}-{len(candidates)}"
+        candidates.append(Candidate(name=name, path=str(path), text_column=source.text_key or "content"))
+    return candidates
+
+
+def verify_seed_sources(config: UltraCleanConfig, base_dir: Path) -> ClassifierConfig:
+    """Anneal-verify every positive seed source; the classifier config that comes back trains on the kept ones."""
+    candidates = seed_candidates(config, base_dir)
+    result = verify(config.verification.resolve_paths(base_dir), candidates)
+    print(format_decisions(result))
+    sources = config.classifier.seeds.positive.sources
+    kept = [source for source, candidate in zip(sources, candidates) if candidate.name in result.kept]
+    if not kept:
+        raise VerificationRejected(f"verification kept none of the positive seed sources "
+                                   f"{[c.name for c in candidates]}; see {result.report_path}")
+    seeds = config.classifier.seeds
+    positive = seeds.positive.model_copy(update={"sources": kept})
+    return config.classifier.model_copy(update={"seeds": seeds.model_copy(update={"positive": positive})})
 
 
 def format_summary(result: IngestResult) -> str:
@@ -58,6 +100,7 @@ def run_steps(config: UltraCleanConfig, base_dir: Path, steps: list[str], output
         if first and configured[first]:
             version = Path(configured[first])
     root = output or Path(config.output.root)
+    classifier_config = config.classifier
     for step in STEP_ORDER:
         if step not in steps:
             continue
@@ -65,10 +108,20 @@ def run_steps(config: UltraCleanConfig, base_dir: Path, steps: list[str], output
             result = run_ingest(config, base_dir, output)
             print("nothing to do: version already complete" if result.reused else format_summary(result))
             version = result.version_path
+        elif step == "verify_seeds":
+            if config.verification is None or config.classifier is None:
+                raise ConfigError("verification: verify-seeds needs a verification section and a classifier section")
+            classifier_config = verify_seed_sources(config, base_dir)
+        elif step == "verify_output":
+            if config.verification is None:
+                raise ConfigError("verification: verify-output needs a verification section")
+            target = DatasetVersion.open(version or root).path
+            print(format_decisions(verify(config.verification.resolve_paths(base_dir),
+                                          [Candidate(name="selected-output", path=str(target))])))
         elif step == "train_classifier":
-            if config.classifier is None:
+            if classifier_config is None:
                 raise ConfigError("classifier: train-classifier needs a classifier section with seed pools")
-            trained = train_classifier(config.classifier, base_dir)
+            trained = train_classifier(classifier_config, base_dir)
             metrics = trained.metadata["metrics"]
             print(f"classifier {trained.path.name}{' (reused)' if trained.reused else ''}: held-out ROC-AUC "
                   f"{metrics['roc_auc']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
@@ -90,7 +143,7 @@ def run_steps(config: UltraCleanConfig, base_dir: Path, steps: list[str], output
             result = select_version(config, version or root, output)
             print(("reused " if result.reused else "") + format_step(result))
             version = result.version_path
-        if step != "train_classifier":
+        if step in ("ingest", "score", "select"):
             print(f"dataset version: {version}")
     return version
 
@@ -100,7 +153,7 @@ def _run(argv: list[str], command: str = "run") -> int:
                                      description="Run the UltraClean job (or one step of it).")
     parser.add_argument("--config", help="YAML config (default: the embedded configs/default.yaml)")
     parser.add_argument("--output", help="dataset root, overriding output.root")
-    if command in ("score", "select"):
+    if command in ("score", "select", "verify-output"):
         parser.add_argument("--version", help="dataset version (or root) to read, overriding the config")
     if command == "score":
         parser.add_argument("--classifier", help="classifier directory (or root), overriding scoring.classifier")
@@ -136,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] and argv[0] in ("run", *COMMAND_STEPS):
             return _run(argv[1:], argv[0])
         return _run(argv)
-    except (ConfigError, FileNotFoundError, ClassifierError, SeedPoolError) as error:
+    except (ConfigError, FileNotFoundError, ClassifierError, SeedPoolError, VerificationRejected) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

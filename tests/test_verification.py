@@ -249,3 +249,37 @@ def test_shipped_config_validates():
     config = load_verification_config(Path(__file__).resolve().parents[1] / "configs" / "verify-tiny.yaml")
     assert Path(config.base_mix[0].path).is_file()
     assert config.anneal.candidate_ratio == 0.3
+
+
+def test_ultraclean_job_trains_the_classifier_on_verified_seeds_only(verified, pools, tmp_path):
+    """``steps: [verify_seeds, train_classifier]``: of two positive seed sources, only the one verification keeps
+    reaches the classifier. The verification section is the fixture's (same work dir), so its runs are reused."""
+    from pipelines.config import parse_config
+    from pipelines.ultraclean import run_steps
+
+    verification_config, _ = verified
+    job = parse_config({
+        "steps": ["verify_seeds", "train_classifier"],
+        "classifier": {
+            "output_root": str(tmp_path / "classifiers"),
+            "seeds": {
+                "positive": {"sources": [{"path": pools["wiki"]}, {"path": pools["web"]}]},
+                "negative": {"sources": [{"path": pools["wiki_shuffled"]}]},
+            },
+            "fasttext": {"dim": 16, "epoch": 2, "bucket": 20000},
+        },
+        "verification": verification_config.model_dump(),
+    })
+    run_steps(job, tmp_path, job.steps)
+    classifier_dir = tmp_path / "classifiers" / (tmp_path / "classifiers" / "latest").read_text().strip()
+    metadata = json.loads((classifier_dir / "metadata.json").read_text())
+    assert [s["path"] for s in metadata["seeds"]["positive"]] == [pools["wiki"]]
+    assert len(list((Path(verification_config.work_dir) / "stage1").iterdir())) == 1  # stage 1 reused, not retrained
+
+
+def test_verify_seeds_step_needs_its_sections():
+    from pipelines.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="verify_seeds step needs a verification section"):
+        parse_config({"steps": ["verify_seeds", "train_classifier"], "classifier": {
+            "seeds": {"positive": {"sources": [{"path": "a.txt"}]}, "negative": {"sources": [{"path": "b.txt"}]}}}})
