@@ -104,7 +104,7 @@ class UltraCleanConfig(BaseModel):
         return self
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def describe_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for problem in error.errors():
         where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
@@ -119,7 +119,7 @@ def parse_config(data: object, source: str = "<config>") -> UltraCleanConfig:
     try:
         return UltraCleanConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+        raise ConfigError(describe_validation_error(error, source)) from None
 
 
 def load_config(path: str | Path | None = None) -> tuple[UltraCleanConfig, Path]:

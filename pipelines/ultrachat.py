@@ -39,6 +39,7 @@ from pipelines.versioning import (
     DatasetVersion,
     atomic_write_text,
     canonical_json,
+    code_version,
     compute_version_id,
     publish_version,
     sha256_file,
@@ -47,11 +48,11 @@ from pipelines.versioning import (
 from sft_synth.config import FAMILIES, UltraChatConfig, load_config, resolve_path
 from sft_synth.dataset import (
     PART_SCHEMA,
+    SYNTHESIS_PACKAGES,
     arrow_messages,
     build_manifest,
     dataset_card,
     stage_rows,
-    synthesis_code_version,
     write_shard,
 )
 from sft_synth.filters import (
@@ -232,7 +233,7 @@ def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | N
     root = Path(output_root or config.output.root).resolve()
     models = resolve_models(config, base_dir)
     seeds = build_seeds(config, base_dir)
-    code = synthesis_code_version()
+    code = code_version(SYNTHESIS_PACKAGES)
     generation_config = config.model_dump(mode="json", include={"seed", "chunk_size", "models", "families"})
     generation_config["models"] |= {"target": models["ids"]["target"], "draft": models["ids"]["draft"]}
     seed_digest = hashlib.sha256(canonical_json({f: [s.as_dict() for s in v] for f, v in seeds.items()}).encode())

@@ -55,7 +55,7 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def code_version() -> str:
+def code_version(packages: tuple[str, ...] = ("pipelines", "stages")) -> str:
     """Package version plus a hash of the source that shapes dataset content, so a code change makes a new id."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -65,7 +65,7 @@ def code_version() -> str:
         pkg_version = "0+unknown"
     digest = hashlib.sha256()
     repo = Path(__file__).resolve().parents[1]
-    for package in ("pipelines", "stages"):
+    for package in packages:
         for source in sorted((repo / package).rglob("*.py")):
             digest.update(source.relative_to(repo).as_posix().encode())
             digest.update(source.read_bytes())

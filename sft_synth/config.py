@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
 )
 
-from pipelines.config import ConfigError, _describe
+from pipelines.config import ConfigError, describe_validation_error
 from sft_synth.constraints import CONSTRAINTS
 from sft_synth.generation import GenerationSettings, SpeculativeConfig
 from sft_synth.tools import check_tools
@@ -187,7 +187,7 @@ def parse_config(data: object, source: str = "<config>") -> UltraChatConfig:
     try:
         config = UltraChatConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+        raise ConfigError(describe_validation_error(error, source)) from None
     if not config.families.enabled():
         raise ConfigError(f"invalid config {source}: families: enable at least one of {list(FAMILIES)}")
     return config

@@ -8,7 +8,6 @@ scheme (``pipelines.versioning``): manifest with shards, accounting and stage ta
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -51,14 +50,7 @@ PART_SCHEMA = (
 )
 
 
-def synthesis_code_version() -> str:
-    """``code_version()`` (pipelines, stages) extended with the synthesis code, which shapes this data too."""
-    digest = hashlib.sha256(code_version().encode())
-    repo = Path(__file__).resolve().parents[1]
-    for source in sorted((repo / "sft_synth").rglob("*.py")):
-        digest.update(source.relative_to(repo).as_posix().encode())
-        digest.update(source.read_bytes())
-    return f"{code_version()}+synth.{digest.hexdigest()[:12]}"
+SYNTHESIS_PACKAGES = ("pipelines", "stages", "sft_synth")  # the code that shapes a synthesis dataset
 
 
 def arrow_messages(messages: list[dict]) -> list[dict]:
@@ -139,7 +131,7 @@ def build_manifest(*, version_id: str, name: str, inputs: list[dict], config: di
         "version_id": version_id,
         "name": name,
         "parent": None,
-        "code_version": synthesis_code_version(),
+        "code_version": code_version(SYNTHESIS_PACKAGES),
         "generation_id": generation_id,
         "inputs": inputs,
         "models": models,
