@@ -354,11 +354,14 @@ def test_ray_job_submit(tmp_path, real_inputs):
     )
     try:
         _wait_for_dashboard(url, head)
-        submit = subprocess.run(
-            [ray_bin, "job", "submit", "--address", url, "--",
-             sys.executable, "-m", "pipelines.ultraclean", "--config", str(config), "--output", str(tmp_path / "out")],
-            env=env, capture_output=True, text=True, timeout=300, check=False,
-        )
+        submit_command = [ray_bin, "job", "submit", "--address", url, "--", sys.executable, "-m", "pipelines.ultraclean",
+                          "--config", str(config), "--output", str(tmp_path / "out")]
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard answers before the head's job agent has registered; wait for the agent
+            submit = subprocess.run(submit_command, env=env, capture_output=True, text=True, timeout=300, check=False)
+            if "No available agent" not in submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
     finally:

@@ -264,7 +264,7 @@ def test_ultraclean_job_trains_the_classifier_on_verified_seeds_only(verified, p
             "output_root": str(tmp_path / "classifiers"),
             "seeds": {
                 "positive": {"sources": [{"path": pools["wiki"]}, {"path": pools["web"]}]},
-                "negative": {"sources": [{"path": pools["wiki_shuffled"]}]},
+                "negative": {"sources": [{"path": pools["web"]}]},  # raw web text, as in the paper
             },
             "fasttext": {"dim": 16, "epoch": 2, "bucket": 20000},
         },
