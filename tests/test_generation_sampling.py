@@ -17,7 +17,12 @@ from sft_synth.generation import (
     verify_greedy,
     verify_sampling,
 )
-from sft_synth.generation.sampling import apply_repetition_penalty, filter_top_k_top_p, logits_to_probs
+from sft_synth.generation.sampling import (
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+    logits_to_probs,
+    sample,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,6 +152,26 @@ def test_draft_length_controller_weighs_draft_cost():
     cheap = DraftLengthController(initial=1, minimum=1, maximum=10, cost_ratio=0.02).best_length(0.8)
     costly = DraftLengthController(initial=1, minimum=1, maximum=10, cost_ratio=0.5).best_length(0.8)
     assert cheap > costly >= 1
+
+
+def test_draft_length_controller_weighs_verification_cost():
+    # Where scoring k + 1 tokens costs more than one (a CPU past its compute bound), fewer drafts pay.
+    free = DraftLengthController(initial=1, minimum=1, maximum=10, cost_ratio=0.05).best_length(0.8)
+    costly = DraftLengthController(initial=1, minimum=1, maximum=10, cost_ratio=0.05, verify_cost_ratio=0.3)
+    assert free > costly.best_length(0.8) >= 1
+    with pytest.raises(ValueError, match="verify_cost_ratio"):
+        DraftLengthController(initial=1, minimum=1, maximum=2, cost_ratio=0.1, verify_cost_ratio=-1.0)
+
+
+def test_sample_draws_from_the_distribution():
+    """Inverse-CDF sampling: rows follow their own (unnormalised) probabilities; zero-probability tokens never."""
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0], [0.3, 0.0, 0.1, 0.0, 0.0, 0.2]])
+    n = 100_000
+    draws = sample(p.repeat_interleave(n, 0), False, torch.Generator().manual_seed(3)).view(2, n)
+    for row, probs in zip(draws, p):
+        stat, dof = chi_square(torch.bincount(row, minlength=6).double(), (probs / probs.sum()).double())
+        assert stat < chi_square_critical(dof), stat
+    assert sample(p, True, None).tolist() == [1, 0]
 
 
 def test_chat_template_minicpm_format():

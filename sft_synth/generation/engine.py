@@ -27,7 +27,7 @@ from torch import nn
 
 from .chat_template import IM_END, apply_chat_template
 from .frspec import FRSpecHead, TokenFrequencies
-from .sampling import GenerationSettings, logits_to_probs, sample
+from .sampling import GenerationSettings, apply_repetition_penalty, logits_to_probs, sample
 from .speculative import DraftLengthController, verify_greedy, verify_sampling
 
 Prompt = str | Sequence[Mapping[str, str]]
@@ -47,6 +47,11 @@ class SpeculativeConfig(BaseModel):
         None, ge=0.0, description="draft step time / target step time; None: estimated from parameter counts"
     )
     frspec_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    verify_cost_ratio: float = Field(
+        0.0, ge=0.0,
+        description="extra target time per additional verified token / target step time: about 0 where a "
+        "step is bound by reading the weights (GPU), larger where scoring k + 1 tokens costs more than one (CPU)",
+    )
 
 
 @dataclass
@@ -208,15 +213,22 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ model calls
 
-    def _forward(self, model, tokens, mask, cache, *, last: int, head: FRSpecHead | None = None):
+    def _forward(self, model, tokens, mask, cache, *, last: int, head: FRSpecHead | None = None,
+                 positions: torch.Tensor | None = None, padded: bool | None = None):
         """Run new tokens through a model on top of its cache; return logits of the last `last` positions.
 
         last == 0 only fills the cache, so it skips the LM head; with an FR-Spec head the logits cover its subset.
+        mask covers at least the cache and the new tokens; positions (its cumulative count of real tokens less one)
+        and padded (whether it has any padding) may be passed precomputed, so a decoding step computes them once.
         """
-        end = cache.length + tokens.shape[1]
+        start, end = cache.length, cache.length + tokens.shape[1]
+        if padded is None:
+            padded = not bool(mask.all())
+        if positions is None:
+            positions = (mask[:, :end].cumsum(-1) - 1).clamp_(min=0)
         kwargs = {
-            "attention_mask": None if bool(mask.all()) else mask[:, :end],
-            "position_ids": (mask[:, :end].cumsum(-1) - 1).clamp_(min=0)[:, -tokens.shape[1] :],
+            "attention_mask": mask[:, :end] if padded else None,
+            "position_ids": positions[:, start:end],
             "cache": cache,
         }
         if last == 0 or head is not None:
@@ -256,6 +268,7 @@ class GenerationEngine:
                 maximum=spec.max_draft_tokens,
                 cost_ratio=self.draft_cost_ratio(),
                 adaptive=spec.adaptive,
+                verify_cost_ratio=spec.verify_cost_ratio,
             )
             if use_draft
             else None
@@ -275,6 +288,7 @@ class GenerationEngine:
         if penalise:
             seen.scatter_(1, torch.where(mask.bool(), seq, vocab), True)
 
+        padded = not bool(mask.all())  # left padding never goes away: decided once per batch
         target_cache = self._new_cache(self.target, batch, max_len)
         self._prefill(self.target, seq, mask, target_cache)
         if use_draft:
@@ -287,12 +301,19 @@ class GenerationEngine:
                 return
             remaining = max(settings.max_new_tokens - len(rows[i].token_ids) for i in active)
             k = min(controller.k, remaining - 1) if use_draft else 0
-            drafts, draft_probs = self._propose(k, seq, mask, draft_cache if use_draft else None, seen, settings, generator)
+            # The mask and positions of the committed sequence plus k drafts, shared by the draft and the target.
+            full_mask = torch.cat([mask, mask.new_ones((batch, k))], dim=1)
+            positions = (full_mask.cumsum(-1) - 1).clamp_(min=0)
+            drafts, draft_probs = self._propose(
+                k, seq, full_mask, positions, padded, draft_cache if use_draft else None, seen, settings, generator
+            )
 
             context = torch.cat([seq, drafts], dim=1)
-            full_mask = torch.cat([mask, torch.ones_like(drafts)], dim=1)
             n = seq.shape[1]
-            logits = self._forward(self.target, context[:, target_cache.length :], full_mask, target_cache, last=k + 1)
+            logits = self._forward(
+                self.target, context[:, target_cache.length :], full_mask, target_cache, last=k + 1,
+                positions=positions, padded=padded,
+            )
             target_seen = None
             if penalise:  # position j of the verification has seen the drafts before it
                 drafted = torch.zeros((batch, k + 1, vocab + 1), dtype=torch.int32, device=self.device)
@@ -333,34 +354,46 @@ class GenerationEngine:
                 self._commit(row, committed_rows[i], settings, stop_ids)
                 row.stats.accepted_lengths.append(len(row.token_ids) - before)
 
-    def _propose(self, k, seq, mask, draft_cache, seen, settings, generator):
-        """Draft k tokens per row, one draft forward each; returns them [B, k] and their distributions."""
-        drafts = seq.new_empty((seq.shape[0], 0))
+    def _propose(self, k, seq, full_mask, positions, padded, draft_cache, seen, settings, generator):
+        """Draft k tokens per row, one draft forward each; returns them [B, k] and their distributions.
+
+        full_mask / positions cover the committed sequence plus the k drafts. The first forward feeds whatever the
+        draft's cache lacks of the committed sequence, each later one the previous draft. Greedy drafts need no
+        distribution (greedy verification only compares tokens), so none is built for them.
+        """
+        drafts = seq.new_empty((seq.shape[0], k))
         draft_probs = []
         penalise = settings.repetition_penalty != 1.0
         draft_seen = seen.clone() if penalise else None
-        for _ in range(k):
-            context = torch.cat([seq, drafts], dim=1)
-            draft_mask = torch.cat([mask, torch.ones_like(drafts)], dim=1)
+        tokens = seq[:, draft_cache.length :] if k else None
+        for j in range(k):
             logits = self._forward(
-                self.draft, context[:, draft_cache.length :], draft_mask, draft_cache, last=1, head=self.frspec_head
+                self.draft, tokens, full_mask, draft_cache, last=1, head=self.frspec_head, positions=positions,
+                padded=padded,
             )[:, 0]
             token, probs = self._draw_draft(logits, draft_seen, settings, generator)
-            draft_probs.append(probs)
-            drafts = torch.cat([drafts, token[:, None]], dim=1)
+            if probs is not None:
+                draft_probs.append(probs)
+            drafts[:, j] = token
+            tokens = drafts[:, j : j + 1]
             if penalise:
                 draft_seen.scatter_(1, token[:, None], True)
         return drafts, draft_probs
 
     def _draw_draft(self, logits, seen, settings, generator):
-        """Sample one draft token per row; returns the token and the full-vocabulary draft distribution."""
+        """Draw one draft token per row; returns it and the full-vocabulary draft distribution (None if greedy)."""
         head = self.frspec_head
         if seen is not None:
             seen = seen[:, : self.target.config.vocab_size]
+            if head is not None:
+                seen = seen[:, head.token_ids]
+        if settings.greedy:  # the argmax of the (penalised) logits, as the one-hot greedy distribution would give
+            if seen is not None:
+                logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
+            choice = logits.argmax(-1)
+            return (choice if head is None else head.token_ids[choice]), None
+        probs = logits_to_probs(logits, settings, seen)
+        choice = sample(probs, False, generator)
         if head is None:
-            probs = logits_to_probs(logits, settings, seen)
-            return sample(probs, settings.greedy, generator), probs
-        subset_seen = seen[:, head.token_ids] if seen is not None else None
-        subset_probs = logits_to_probs(logits, settings, subset_seen)
-        token = head.token_ids[sample(subset_probs, settings.greedy, generator)]
-        return token, head.scatter_to_vocab(subset_probs)
+            return choice, probs
+        return head.token_ids[choice], head.scatter_to_vocab(probs)

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from .sampling import sample
+
 
 class Verification(NamedTuple):
     """Per row: how many drafted tokens were accepted, and the token the target contributes after them."""
@@ -60,7 +62,7 @@ def verify_sampling(
     mass = residual.sum(dim=-1, keepdim=True)
     # A rejection implies p(x) < q(x), hence positive residual mass; rounding can still leave none.
     residual = torch.where(mass > 0, residual / mass.clamp(min=torch.finfo(residual.dtype).tiny), p_next)
-    next_token = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+    next_token = sample(residual, False, generator)
     return Verification(num_accepted, next_token)
 
 
@@ -68,7 +70,9 @@ class DraftLengthController:
     """Chooses the number of drafted tokens k from the running acceptance rate.
 
     With per-token acceptance rate a, a step with k drafts commits (1 - a^(k+1)) / (1 - a) tokens on average and
-    costs k * c + 1 target-forward equivalents (c = draft step cost / target step cost); k maximises their ratio.
+    costs k * (c + v) + 1 target-forward equivalents (c = draft step cost / target step cost, v = the target's extra
+    cost per additional verified token / its one-token step cost: about 0 where a step is bound by reading the
+    weights, as on a GPU; CPUs reach their compute bound after a few tokens); k maximises their ratio.
     The rate is a decayed count of accepted drafts over accepted drafts plus rejections, so it follows the
     text being generated; it starts from a weak prior centred on `prior_rate`.
     """
@@ -84,14 +88,18 @@ class DraftLengthController:
         decay: float = 0.9,
         prior_rate: float = 0.7,
         prior_weight: float = 2.0,
+        verify_cost_ratio: float = 0.0,
     ):
         if not 1 <= minimum <= initial <= maximum:
             raise ValueError(f"need 1 <= minimum ({minimum}) <= initial ({initial}) <= maximum ({maximum})")
         if cost_ratio < 0:
             raise ValueError(f"cost_ratio must be >= 0, got {cost_ratio}")
+        if verify_cost_ratio < 0:
+            raise ValueError(f"verify_cost_ratio must be >= 0, got {verify_cost_ratio}")
         self.k = initial
         self.minimum, self.maximum = minimum, maximum
         self.cost_ratio = cost_ratio
+        self.verify_cost_ratio = verify_cost_ratio
         self.adaptive = adaptive
         self.decay = decay
         self.accepted = prior_rate * prior_weight
@@ -117,6 +125,6 @@ class DraftLengthController:
 
     def best_length(self, rate: float) -> int:
         def throughput(k: int) -> float:
-            return self.expected_tokens(rate, k) / (k * self.cost_ratio + 1.0)
+            return self.expected_tokens(rate, k) / (k * (self.cost_ratio + self.verify_cost_ratio) + 1.0)
 
         return max(range(self.minimum, self.maximum + 1), key=lambda k: (throughput(k), -k))
