@@ -1,6 +1,6 @@
 """Throughput of the UltraClean scoring stage against a plain fastText loop in the same process.
 
-    python benchmarks/classify.py                       # CPU, small: 20,000 real CC documents, small model
+    python benchmarks/classify.py                       # CPU: 60,000 real CC documents (697 repeated), small model
     python benchmarks/classify.py --docs 200000 --dim 256 --bucket 2000000 --workers 1 2 4 8
 
 Baseline: ``model.predict(normalise(text))`` one document at a time, the least any correct scorer must do
@@ -33,7 +33,7 @@ def _documents(count: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--docs", type=int, default=20_000)
+    parser.add_argument("--docs", type=int, default=60_000, help="enough that start-up costs amortise as in a real run")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--bucket", type=int, default=200_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MANIFEST_NAME = "manifest.json"
@@ -146,19 +147,20 @@ def publish_version(staging: Path, root: Path, version_id: str) -> Path:
 
 def describe_shard(path: Path, tokenizer: str | None = None, text_column: str = "content") -> dict:
     """A shard's manifest entry: its path inside the version, rows, bytes, sha256, characters, tokens (if counted)."""
-    contents = pq.read_table(path, columns=[text_column])[text_column].to_pylist()
+    column = pq.read_table(path, columns=[text_column])[text_column]
     tokens = None
     if tokenizer:
         from tokenizers import Tokenizer
 
         encoder = Tokenizer.from_file(tokenizer)
-        tokens = sum(len(e.ids) for e in encoder.encode_batch([c or "" for c in contents], add_special_tokens=False))
+        texts = [c or "" for c in column.to_pylist()]
+        tokens = sum(len(e.ids) for e in encoder.encode_batch(texts, add_special_tokens=False))
     return {
         "path": f"{SHARD_DIR}/{Path(path).name}",
-        "rows": len(contents),
+        "rows": len(column),
         "bytes": Path(path).stat().st_size,
         "sha256": sha256_file(path),
-        "characters": sum(len(c) for c in contents if c),
+        "characters": pc.sum(pc.utf8_length(column)).as_py() or 0,  # code points, as len(str); nulls count 0
         "tokens": tokens,
     }
 
