@@ -292,7 +292,17 @@ def build_models(args, size: dict) -> tuple[Path, Path]:
     print(f"draft: held-out soft-label loss {meta['held_out_soft_label_loss']:.3f}, top-1 agreement with the"
           f" target {100 * meta['held_out_top1_agreement']:.1f}% after {meta['steps']} steps", flush=True)
     TokenFrequencies.count(args.corpus, load_tokenizer(target_dir)).save(draft_dir)
+    for name, directory in (("target", target_dir), ("draft", draft_dir)):
+        point_at(work / name, directory)
     return target_dir, draft_dir
+
+
+def point_at(link: Path, directory: Path) -> None:
+    """``<work>/target`` and ``<work>/draft`` name the newest pair, so configs (configs/ultrachat.yaml) need no hash."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(directory.resolve(), target_is_directory=True)
+    os.replace(tmp, link)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -324,6 +325,12 @@ def test_embedded_default_runs(tmp_path):
     assert version.manifest["accounting"]["kept"] > 0 and verify_version(version.path) == []
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _wait_for_dashboard(url: str, head: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -343,13 +350,19 @@ def test_ray_job_submit(tmp_path, real_inputs):
     # a private loopback-only head: token auth off so the CLI needs no credentials
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).parent / "ray")
-    url = "http://127.0.0.1:8271"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
     ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
     # its own session, so the whole head (GCS, raylet, dashboard, workers) is stopped by one signal and no other
     # Ray on the machine is touched (`ray stop` would stop them all)
+    # every port the head's agents bind is chosen free: the in-process Ray of the other tests holds the defaults,
+    # and a head whose dashboard agent cannot bind never accepts a job
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--port=6391", "--dashboard-port=8271",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={ray_tmp}"],
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={_free_port()}", f"--dashboard-port={port}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={ray_tmp}", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
