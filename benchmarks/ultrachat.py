@@ -155,6 +155,7 @@ def main() -> None:
                                               max_batch_size=max(size["batch_sizes"]))
 
     work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
     report = {"size": args.size, "device": str(device), "threads": torch.get_num_threads(),
               "frspec": engine.frspec_head is not None, "runs": {}}
     for temperature in (0.0, 0.7):
