@@ -122,13 +122,17 @@ def parse_config(data: object, source: str = "<config>") -> UltraCleanConfig:
         raise ConfigError(describe_validation_error(error, source)) from None
 
 
-def load_config(path: str | Path | None = None) -> tuple[UltraCleanConfig, Path]:
-    """Read and validate a YAML config; returns it with the directory its relative paths are relative to."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def read_yaml(path: Path) -> object:
+    """A config file's YAML, or a ConfigError that names the file."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid config {path}: not valid YAML: {error}") from None
-    return parse_config(data, str(path)), path.resolve().parent
+
+
+def load_config(path: str | Path | None = None) -> tuple[UltraCleanConfig, Path]:
+    """Read and validate a YAML config; returns it with the directory its relative paths are relative to."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    return parse_config(read_yaml(path), str(path)), path.resolve().parent

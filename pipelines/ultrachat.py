@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from pipelines.config import ConfigError
 from pipelines.runtime import ensure_ray, gather
+from pipelines.ultraclean import report_verification
 from pipelines.versioning import (
     CARD_NAME,
     MANIFEST_NAME,
@@ -351,10 +352,7 @@ def _verify(argv: list[str]) -> int:
         jsonl = version.path / shard["jsonl"]["path"]
         if not jsonl.is_file() or sha256_file(jsonl) != shard["jsonl"]["sha256"]:
             problems.append(f"{shard['jsonl']['path']}: missing or sha256 differs from the manifest")
-    for problem in problems:
-        print(f"FAILED {problem}")
-    print(f"{version.version_id}: {len(version.manifest['shards'])} shards, {'corrupt' if problems else 'intact'}")
-    return 1 if problems else 0
+    return report_verification(version, problems)
 
 
 def main(argv: list[str] | None = None) -> int:

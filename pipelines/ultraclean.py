@@ -174,7 +174,11 @@ def _verify(argv: list[str]) -> int:
     parser.add_argument("version", help="a version directory, or a dataset root (checks its latest version)")
     args = parser.parse_args(argv)
     version = DatasetVersion.open(args.version)
-    problems = verify_version(version.path)
+    return report_verification(version, verify_version(version.path))
+
+
+def report_verification(version: DatasetVersion, problems: list[str]) -> int:
+    """Print a version check's problems and verdict; the exit code is 1 when anything is wrong."""
     for problem in problems:
         print(f"FAILED {problem}")
     print(f"{version.version_id}: {len(version.manifest['shards'])} shards, {'corrupt' if problems else 'intact'}")

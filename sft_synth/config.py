@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,7 +19,7 @@ from pydantic import (
     field_validator,
 )
 
-from pipelines.config import ConfigError, describe_validation_error
+from pipelines.config import ConfigError, describe_validation_error, read_yaml
 from sft_synth.constraints import CONSTRAINTS
 from sft_synth.generation import GenerationSettings, SpeculativeConfig
 from sft_synth.tools import check_tools
@@ -196,13 +195,7 @@ def parse_config(data: object, source: str = "<config>") -> UltraChatConfig:
 def load_config(path: str | Path | None = None) -> tuple[UltraChatConfig, Path]:
     """Read and validate a YAML config; returns it with the directory its relative paths are relative to."""
     path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"invalid config {path}: not valid YAML: {error}") from None
-    return parse_config(data, str(path)), path.resolve().parent
+    return parse_config(read_yaml(path), str(path)), path.resolve().parent
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:
