@@ -41,7 +41,7 @@ from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.schedule import wsd_lr
 from model.tokenizer import TOKENIZER_NAME, load_tokenizer
 from model.train import autocast_context, param_groups, train
-from pipelines.versioning import atomic_write_text
+from pipelines.versioning import atomic_write_text, save_figure
 from sft_synth.generation import (
     FRSpecHead,
     GenerationEngine,
@@ -387,11 +387,7 @@ def write_histogram(path: Path, report: dict) -> None:
         ax.set_xlabel("tokens per target step")
         ax.set_ylabel("target steps")
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> None:

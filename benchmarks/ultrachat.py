@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.versioning import atomic_write_text
+from pipelines.versioning import atomic_write_text, save_figure
 from sft_synth.config import UltraChatConfig, parse_config
 from sft_synth.dialogue import DialogueSynthesizer
 from sft_synth.generation import GenerationEngine, SpeculativeConfig
@@ -120,11 +120,7 @@ def write_chart(path: Path, report: dict) -> None:
     ax.set_ylabel("generated tokens/s")
     ax.set_title("UltraChat synthesis: plain vs speculative decoding")
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from model.data import DataSource, PackedDataset
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.schedule import DECAY_SHAPES, wsd_lr
 from model.tokenizer import TOKENIZER_NAME, load_tokenizer, train_bpe_tokenizer
-from pipelines.versioning import atomic_write_text
+from pipelines.versioning import atomic_write_text, save_figure
 
 TRAINER_STATE_NAME = "trainer_state.pt"
 LATEST_NAME = "latest"
@@ -414,11 +414,7 @@ def _write_loss_log(out_dir: Path, log: dict) -> None:
     )
     lr_ax.set_ylabel("learning rate")
     ax.legend()
-    fig.tight_layout()
-    tmp = out_dir / f".loss_curve.tmp-{uuid.uuid4().hex}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_dir / "loss_curve.png")
+    save_figure(fig, out_dir / "loss_curve.png")
 
 
 def main() -> None:

@@ -43,6 +43,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def save_figure(figure, path: str | Path) -> None:
+    """A matplotlib figure as PNG, atomically, without the version/date stamp (identical bytes on re-run); closes it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex}.png")
+    figure.tight_layout()
+    figure.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
 def canonical_json(obj: Any) -> str:
     """The one JSON spelling used for hashing and for manifests: sorted keys, fixed separators."""
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=2, default=str) + "\n"

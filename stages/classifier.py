@@ -28,7 +28,14 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from pipelines.runtime import ensure_ray
-from pipelines.versioning import LATEST_NAME, atomic_write_text, canonical_json, code_version, sha256_file
+from pipelines.versioning import (
+    LATEST_NAME,
+    atomic_write_text,
+    canonical_json,
+    code_version,
+    save_figure,
+    sha256_file,
+)
 from stages.normalize import NormalizeConfig, TextNormalizer
 from stages.seeds import SeedPools, SeedsConfig, assemble_seed_pools
 
@@ -144,11 +151,7 @@ def write_score_histogram(path: Path, scores: np.ndarray, is_positive: np.ndarra
     axes.set_ylabel("held-out documents")
     axes.set_title(title)
     axes.legend()
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}.png")
-    figure.savefig(tmp, dpi=100, metadata={"Software": None})  # no version/date stamp: identical bytes on re-run
-    plt.close(figure)
-    tmp.replace(path)
+    save_figure(figure, path)
 
 
 # --- the model in use ---------------------------------------------------------------------------------------------

@@ -4,13 +4,11 @@ improvement over the baseline, mean with a one-standard-deviation error bar acro
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.versioning import atomic_write_text
+from pipelines.versioning import atomic_write_text, save_figure
 from verification.config import BASELINE
 from verification.decide import Decision, improvement
 
@@ -37,15 +35,6 @@ def metric_deltas(runs: list[dict]) -> dict[str, dict[str, dict]]:
     return deltas
 
 
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex}.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
 
 def plot_curves(runs: list[dict], path: Path) -> None:
     import matplotlib
@@ -65,7 +54,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("training loss on the anneal mix (nats/token)")
     ax.set_title("annealing loss curves, one line per seed")
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_deltas(deltas: dict[str, dict[str, dict]], path: Path) -> None:
@@ -86,7 +75,7 @@ def plot_deltas(deltas: dict[str, dict[str, dict]], path: Path) -> None:
         ax.set_xticks(range(len(candidates)), candidates, rotation=30, ha="right")
         ax.set_title(metric, fontsize=9)
     axes[0][0].set_ylabel("improvement over baseline (+ = better)")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(
