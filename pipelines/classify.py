@@ -55,11 +55,6 @@ class StepResult:
     seconds: float
 
 
-def _writer_options(config: UltraCleanConfig) -> dict:
-    compression = None if config.output.compression == "none" else config.output.compression
-    return {"compression": compression, "write_statistics": True, "store_schema": False}
-
-
 def derived_manifest(
     *, version_id: str, config: UltraCleanConfig, parent: DatasetVersion, step: str, step_config: dict,
     schema: pa.Schema, shards: list[dict], dropped: Counter, extra: dict,
@@ -94,9 +89,20 @@ def _publish(staging: Path, root: Path, version_id: str, manifest: dict) -> Path
     return publish_version(staging, root, version_id)
 
 
-def _existing(root: Path, version_id: str) -> dict | None:
+def _plan_step(config: UltraCleanConfig, parent: DatasetVersion, step: str, step_config: dict,
+               output_root: Path | None) -> tuple[Path, str, dict | None]:
+    """A derived version's root and id (parent + step settings + code), and its manifest if already published."""
+    root = Path(output_root or config.output.root).resolve()
+    version_id = compute_version_id(inputs=[{"version_id": parent.version_id}], config={step: step_config},
+                                    code=code_version(), parent=parent.version_id)
     manifest = root / version_id / MANIFEST_NAME
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+    return root, version_id, json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def _new_staging(root: Path, version_id: str) -> Path:
+    staging = root / ".work" / f"{version_id}-{uuid.uuid4().hex[:8]}"
+    (staging / SHARD_DIR).mkdir(parents=True)
+    return staging
 
 
 class ShardWriter:
@@ -111,7 +117,7 @@ class ShardWriter:
     def _open(self) -> None:
         path = self.directory / f"shard-{len(self.paths):05d}.parquet"
         self.paths.append(path)
-        self._writer = pq.ParquetWriter(path, self.schema, **_writer_options(self.config))
+        self._writer = pq.ParquetWriter(path, self.schema, **self.config.output.parquet_options())
         self._rows = 0
 
     def write(self, table: pa.Table) -> None:
@@ -145,14 +151,11 @@ def score_version(
         raise ValueError(f"scoring.text_column: {parent.path} has no {scoring.text_column!r} column ({parent_schema.names})")
     step_config = {**scoring.model_dump(mode="json", exclude={"classifier", "input", "workers", "batch_size"}),
                    "classifier_id": classifier.classifier_id}
-    root = Path(output_root or config.output.root).resolve()
-    version_id = compute_version_id(inputs=[{"version_id": parent.version_id}], config={"score": step_config},
-                                    code=code_version(), parent=parent.version_id)
-    if (manifest := _existing(root, version_id)) is not None:
+    root, version_id, manifest = _plan_step(config, parent, "score", step_config, output_root)
+    if manifest is not None:
         return StepResult(root / version_id, manifest, reused=True, seconds=time.perf_counter() - started)
 
-    staging = root / ".work" / f"{version_id}-{uuid.uuid4().hex[:8]}"
-    (staging / SHARD_DIR).mkdir(parents=True)
+    staging = _new_staging(root, version_id)
     schema = score_schema(parent_schema, classifier.labels) if parent_schema is not None else pa.schema([])
     writer = ShardWriter(staging / SHARD_DIR, schema, config)
     empty = truncated = 0
@@ -221,7 +224,7 @@ def select_shard(shard_path: str, out_path: str, cutoff_by_language: dict, langu
     if len(kept):
         out = Path(out_path)
         tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(kept, tmp, row_group_size=config.output.row_group_rows, **_writer_options(config))
+        pq.write_table(kept, tmp, row_group_size=config.output.row_group_rows, **config.output.parquet_options())
         tmp.replace(out)
         shard = describe_shard(out, config.output.tokenizer, config.scoring.text_column)
     return {"shard": shard, "dropped": dict(dropped), "by_language": by_language}
@@ -244,14 +247,11 @@ def select_version(config: UltraCleanConfig, parent_path: Path, output_root: Pat
     languages = language_values(scored, select.language_column) if select.by_language else None
     cutoff_by_language = cutoffs(select, scores, languages)
     step_config = select.model_dump(mode="json", exclude={"input"})
-    root = Path(output_root or config.output.root).resolve()
-    version_id = compute_version_id(inputs=[{"version_id": parent.version_id}], config={"select": step_config},
-                                    code=code_version(), parent=parent.version_id)
-    if (manifest := _existing(root, version_id)) is not None:
+    root, version_id, manifest = _plan_step(config, parent, "select", step_config, output_root)
+    if manifest is not None:
         return StepResult(root / version_id, manifest, reused=True, seconds=time.perf_counter() - started)
 
-    staging = root / ".work" / f"{version_id}-{uuid.uuid4().hex[:8]}"
-    (staging / SHARD_DIR).mkdir(parents=True)
+    staging = _new_staging(root, version_id)
     try:
         ensure_ray(config.ray.address, config.ray.num_cpus)
         config_data = config.model_dump(mode="json")

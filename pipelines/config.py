@@ -54,6 +54,12 @@ class OutputConfig(BaseModel):
     keep_work: bool = Field(False, description="keep the per-input intermediate parts after publishing")
 
 
+    def parquet_options(self) -> dict:
+        """Writer options shared by every shard and part: fixed, so the same rows give the same bytes."""
+        compression = None if self.compression == "none" else self.compression
+        return {"compression": compression, "write_statistics": True, "store_schema": False}
+
+
 class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -95,11 +95,6 @@ def resolve_inputs(config: UltraCleanConfig, base_dir: Path) -> list[ResolvedInp
     return resolved
 
 
-def _writer_options(config: UltraCleanConfig) -> dict:
-    compression = None if config.output.compression == "none" else config.output.compression
-    return {"compression": compression, "write_statistics": True, "store_schema": False}
-
-
 @ray.remote
 def fingerprint_input(path: str) -> dict:
     return {"name": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
@@ -148,7 +143,7 @@ def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dic
     try:
         # the format check is inside the try: an input we cannot read is bad input, not a reason to stop
         docs = _document_stages(config, item, accounting)
-        with pq.ParquetWriter(tmp, PART_SCHEMA, **_writer_options(config)) as writer:
+        with pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
             batch: list[dict] = []
             for row in _part_rows(docs, item, config, accounting):
                 batch.append(row)
@@ -165,7 +160,7 @@ def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dic
                                          accounting.records_in, "read")],
         )
         kept = 0
-        with pq.ParquetWriter(tmp, PART_SCHEMA, **_writer_options(config)) as writer:
+        with pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
             writer.write_table(PART_SCHEMA.empty_table())
     tmp.replace(part)
     accounting.seconds["total"] = time.perf_counter() - started
@@ -212,7 +207,7 @@ def write_shard(pieces: list[tuple[str, list[int]]], out_path: str, config_data:
             tables.append(table.filter(pc.is_in(table["order"], value_set=pa.array(orders, pa.int64()))))
         shard = pa.concat_tables(tables).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
         tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(shard, tmp, row_group_size=config.output.row_group_rows, **_writer_options(config))
+        pq.write_table(shard, tmp, row_group_size=config.output.row_group_rows, **config.output.parquet_options())
         tmp.replace(out)
     return describe_shard(out, config.output.tokenizer)
 
