@@ -5,7 +5,7 @@
 
 Baseline: ``model.predict(normalise(text))`` one document at a time, the least any correct scorer must do
 (scores are only valid on text normalised as in training). Also printed: predict on raw text (no normaliser),
-for scale. The stage is ``pipelines.classify.score_version`` end to end: Ray Data read, ``ScoreBatch`` actors,
+for scale. The stage is ``pipelines.score.score_version`` end to end: Ray Data read, ``ScoreBatch`` actors,
 the ordered shard writer, the manifest. Figures are documents/s per scoring worker and ratios to the baseline.
 """
 
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
@@ -39,29 +38,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
-    from pipelines.classify import score_version
+    from core.manifest import publish_table
+    from core.runtime import ensure_ray
     from pipelines.config import parse_config
-    from pipelines.runtime import ensure_ray
-    from pipelines.versioning import (
-        MANIFEST_FORMAT,
-        SHARD_DIR,
-        atomic_write_text,
-        canonical_json,
-        describe_shard,
-        shard_totals,
-    )
+    from pipelines.score import score_version
     from stages.classifier import ClassifierConfig, QualityClassifier, train_classifier
 
     ensure_ray(num_cpus=max(args.workers))
     work = Path(tempfile.mkdtemp(prefix="classify-bench-"))
     docs = _documents(args.docs)
-    parent = work / "data" / "v-bench"
-    (parent / SHARD_DIR).mkdir(parents=True)
-    pq.write_table(pa.table({"content": docs}), parent / SHARD_DIR / "shard-00000.parquet")
-    shards = [describe_shard(parent / SHARD_DIR / "shard-00000.parquet")]
-    atomic_write_text(parent / "manifest.json", canonical_json({
-        "format": MANIFEST_FORMAT, "version_id": "v-bench", "parent": None, "shards": shards,
-        "schema": {"content": "string"}, "totals": shard_totals(shards)}))
+    parent = publish_table(pa.table({"content": docs}), work / "data", name="bench")
     classifier_config = ClassifierConfig.model_validate({
         "seeds": {"positive": {"sources": [{"path": str(DATA / "text/wikitext-2/valid.txt"), "split": "line",
                                             "min_chars": 200}]},

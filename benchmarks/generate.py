@@ -37,11 +37,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from core.figures import save_figure
+from core.io import atomic_write_text
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.schedule import wsd_lr
 from model.tokenizer import TOKENIZER_NAME, load_tokenizer
 from model.train import autocast_context, param_groups, train
-from pipelines.versioning import atomic_write_text, save_figure
 from sft_synth.generation import (
     FRSpecHead,
     GenerationEngine,

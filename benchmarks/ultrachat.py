@@ -31,7 +31,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.versioning import atomic_write_text, save_figure
+from core.figures import save_figure
+from core.io import atomic_write_text
 from sft_synth.config import UltraChatConfig, parse_config
 from sft_synth.dialogue import DialogueSynthesizer
 from sft_synth.generation import GenerationEngine, SpeculativeConfig

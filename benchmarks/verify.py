@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.runtime import ensure_ray
 from model.minicpm import MiniCPMForCausalLM
 from model.tokenizer import load_tokenizer
 from model.train import TrainConfig, pick_device, train
-from pipelines.runtime import ensure_ray
+from pipelines.verify import ensure_stage1
 from verification.anneal import AnnealRun, run_anneal
 from verification.config import load_verification_config
 from verification.evaluate import Evaluator
-from verification.stage1 import ensure_stage1
 
 REPO = Path(__file__).resolve().parents[1]
 

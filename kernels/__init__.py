@@ -1,1 +1,1 @@
-"""Custom GPU kernels (Triton) with PyTorch references beside them."""
+"""The ground floor's GPU kernels (Triton), each with its PyTorch reference beside it; imports nothing of ours."""

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,9 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from core.io import atomic_path, atomic_write_text
+from core.versions import resolve_parquet_files
 from model.tokenizer import eos_id
-from pipelines.versioning import atomic_write_text, resolve_parquet_files
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 
@@ -89,11 +88,9 @@ def tokenize_source(
     cache_dir = Path(cache_dir)
     token_path = cache_dir / f"tokens-{key.hexdigest()[:20]}.u32"
     if not token_path.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
         separator = eos_id(tokenizer)
-        tmp = token_path.with_name(f".{token_path.name}.tmp-{uuid.uuid4().hex}")
         n_docs = n_tokens = 0
-        with open(tmp, "wb") as out:
+        with atomic_path(token_path) as tmp, open(tmp, "wb") as out:
             batch: list[str] = []
             docs = tqdm(source.documents(), desc=f"tokenising {source.path}", unit=" docs", leave=False)
             for text in docs:
@@ -105,10 +102,8 @@ def tokenize_source(
             if batch:
                 n_tokens += _write_encoded(out, tokenizer, batch, separator)
                 n_docs += len(batch)
-        if n_tokens == 0:
-            tmp.unlink()
-            raise ValueError(f"data source {source.path} holds no text")
-        os.replace(tmp, token_path)
+            if n_tokens == 0:
+                raise ValueError(f"data source {source.path} holds no text")
         meta = {
             "source": source.path,
             "files": [str(f) for f in files],

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.io import atomic_write_bytes
 from model.attention import attention
-from pipelines.versioning import atomic_write_bytes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipelines.versioning import atomic_write_text
+from core.io import atomic_write_text
 
 TOKENIZER_NAME = "tokenizer.json"
 # Ids 0-2 follow MiniCPM (<unk>, <s>, </s>); the chat markers serve the SFT format.
@@ -79,16 +79,3 @@ def eos_id(tokenizer: Tokenizer) -> int:
     if token_id is None:
         raise ValueError(f"tokenizer has no {EOS_TOKEN} token to separate documents")
     return token_id
-
-
-def count_tokens(tokenizer: Tokenizer, texts: Iterable[str], batch_size: int = 1024) -> int:
-    """Total tokens over texts (no special tokens added), as reported in dataset manifests."""
-    total, batch = 0, []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == batch_size:
-            total += sum(len(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=False))
-            batch = []
-    if batch:
-        total += sum(len(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=False))
-    return total

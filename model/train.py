@@ -14,33 +14,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
+import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
+from core.config import Strict
+from core.figures import save_figure
+from core.io import atomic_path, atomic_write_text
+from core.versions import point_latest, resolve_latest
 from model.data import DataSource, PackedDataset
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.schedule import DECAY_SHAPES, wsd_lr
 from model.tokenizer import TOKENIZER_NAME, load_tokenizer, train_bpe_tokenizer
-from pipelines.versioning import atomic_write_text, save_figure
 
 TRAINER_STATE_NAME = "trainer_state.pt"
-LATEST_NAME = "latest"
+CHECKPOINT_NAME = re.compile(r"step-\d{6}")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SourceConfig(_Strict):
+class SourceConfig(Strict):
     path: str
     ratio: float = Field(1.0, gt=0)
     text_column: str = "content"
@@ -49,17 +47,17 @@ class SourceConfig(_Strict):
         return DataSource(path=self.path, ratio=self.ratio, text_column=self.text_column)
 
 
-class TokenizerConfig(_Strict):
+class TokenizerConfig(Strict):
     # An existing tokenizer.json (or a directory holding one); otherwise one is trained on train_on into out_dir.
     path: str | None = None
-    train_on: list[str] = []
+    train_on: list[str] = Field(default_factory=list)
     vocab_size: int = Field(4096, ge=262)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     # Dedicated eval sets; when empty, the last eval_fraction of every train source is held out instead.
-    eval_sources: list[SourceConfig] = []
+    eval_sources: list[SourceConfig] = Field(default_factory=list)
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     eval_sequences: int = Field(64, ge=1)  # per eval source, so periodic evaluation stays cheap
     seq_len: int = Field(gt=0)
@@ -68,7 +66,7 @@ class DataConfig(_Strict):
     cache_dir: str | None = None  # token caches; default <out_dir>/token_cache
 
 
-class OptimConfig(_Strict):
+class OptimConfig(Strict):
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -76,7 +74,7 @@ class OptimConfig(_Strict):
     grad_clip: float | None = 1.0
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     stable_steps: int = Field(0, ge=0)
     decay_steps: int = Field(0, ge=0)
@@ -88,7 +86,7 @@ class ScheduleConfig(_Strict):
         return self.warmup_steps + self.stable_steps + self.decay_steps
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     out_dir: str
     model: dict[str, Any] | None = None  # MiniCPMConfig fields; vocab_size defaults to the tokenizer's
     init_from: str | None = None  # a checkpoint directory to start from instead of a fresh model
@@ -202,44 +200,14 @@ def train(config: TrainConfig | dict | str | Path) -> TrainResult:
     torch.manual_seed(config.seed)
 
     tokenizer = _prepare_tokenizer(config, out_dir)
-    if config.init_from is not None:
-        model = MiniCPMForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
-        if model.config.vocab_size < tokenizer.get_vocab_size():
-            raise ValueError(
-                f"{config.init_from}: vocab_size {model.config.vocab_size} < tokenizer's {tokenizer.get_vocab_size()}"
-            )
-    else:
-        model_fields = {"vocab_size": tokenizer.get_vocab_size(), **config.model}
-        if model_fields["vocab_size"] < tokenizer.get_vocab_size():
-            raise ValueError(
-                f"model vocab_size {model_fields['vocab_size']} < tokenizer's {tokenizer.get_vocab_size()}"
-            )
-        model = MiniCPMForCausalLM(MiniCPMConfig.from_dict(model_fields))
-    model.to(device).train()
+    model = _build_model(config, tokenizer.get_vocab_size()).to(device).train()
     optimizer = torch.optim.AdamW(
         param_groups(model, config.optim.weight_decay),
         lr=config.optim.lr,
         betas=config.optim.betas,
         eps=config.optim.eps,
     )
-
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else out_dir / "token_cache"
-    dataset_args = {
-        "tokenizer": tokenizer,
-        "seq_len": config.data.seq_len,
-        "seed": config.seed,
-        "cache_dir": cache_dir,
-    }
-    train_sources = [s.to_source() for s in config.data.sources]
-    train_data = PackedDataset(train_sources, **dataset_args, eval_fraction=config.data.eval_fraction)
-    if config.data.eval_sources:
-        eval_data = PackedDataset(
-            [s.to_source() for s in config.data.eval_sources], **dataset_args, split="eval", eval_fraction=1.0
-        )
-    else:
-        eval_data = PackedDataset(
-            train_sources, **dataset_args, split="eval", eval_fraction=config.data.eval_fraction
-        )
+    train_data, eval_data = _build_data(config, tokenizer, out_dir)
 
     def run_eval() -> float:
         return evaluate(
@@ -249,65 +217,25 @@ def train(config: TrainConfig | dict | str | Path) -> TrainResult:
             precision=config.precision,
         )
 
-    step = 0
-    log: dict[str, list] = {"train": [], "eval": []}
     checkpoints = out_dir / "checkpoints"
-    latest = _latest_checkpoint(checkpoints)
-    if latest is not None:
-        state = _load_trainer_state(latest)
-        model.load_state_dict(MiniCPMForCausalLM.from_pretrained(latest, dtype=torch.float32).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        train_data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step, log = state["step"], state["log"]
-    elif config.init_optimizer:
-        optimizer.load_state_dict(_load_trainer_state(Path(config.init_from))["optimizer"])
-
-    schedule = config.schedule
-    total = schedule.total_steps
+    checkpoint_dir = resolve_latest(checkpoints, CHECKPOINT_NAME)
+    step, log = _restore(config, checkpoint_dir, model, optimizer, train_data, device)
+    total = config.schedule.total_steps
     end = min(total, config.stop_at_step or total)
     tokens_per_step = config.data.batch_size * config.data.grad_accum * config.data.seq_len
-    checkpoint_dir = latest
     progress = tqdm(total=end, initial=step, desc="train", unit="step", disable=step >= end)
     while step < end:
-        lr = wsd_lr(
-            step,
-            max_lr=config.optim.lr,
-            warmup_steps=schedule.warmup_steps,
-            stable_steps=schedule.stable_steps,
-            decay_steps=schedule.decay_steps,
-            decay_shape=schedule.decay_shape,
-            min_lr_ratio=schedule.min_lr_ratio,
-        )
+        lr = _learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        step_loss = 0.0
-        for _ in range(config.data.grad_accum):
-            input_ids, labels = train_data.next_batch(config.data.batch_size)
-            with autocast_context(device, config.precision):
-                loss = model(input_ids.to(device), labels=labels.to(device)).loss / config.data.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        grad_norm = None
-        if config.optim.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = _optimizer_step(config, model, optimizer, train_data, device)
         step += 1
         log["train"].append(
-            {
-                "step": step,
-                "lr": lr,
-                "loss": step_loss,
-                "grad_norm": grad_norm,
-                "tokens": step * tokens_per_step,
-            }
+            {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "tokens": step * tokens_per_step}
         )
         progress.update(1)
         if step % config.log_every == 0:
-            progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if step % config.eval_every == 0 or step == total:
             log["eval"].append({"step": step, "loss": run_eval()})
         if step % config.save_every == 0 or step == end:
@@ -333,6 +261,80 @@ def train(config: TrainConfig | dict | str | Path) -> TrainResult:
     )
 
 
+def _build_model(config: TrainConfig, tokenizer_vocab: int) -> MiniCPMForCausalLM:
+    """A fresh model from config.model, or the init_from checkpoint; either must cover the tokenizer."""
+    if config.init_from is not None:
+        model = MiniCPMForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+        source = config.init_from
+    else:
+        model = MiniCPMForCausalLM(MiniCPMConfig.from_dict({"vocab_size": tokenizer_vocab, **config.model}))
+        source = "model"
+    if model.config.vocab_size < tokenizer_vocab:
+        raise ValueError(f"{source}: vocab_size {model.config.vocab_size} < tokenizer's {tokenizer_vocab}")
+    return model
+
+
+def _build_data(config: TrainConfig, tokenizer, out_dir: Path) -> tuple[PackedDataset, PackedDataset]:
+    """The mixed training stream, and the eval set: dedicated eval sources, else each train source's tail."""
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else out_dir / "token_cache"
+    common = {"tokenizer": tokenizer, "seq_len": config.data.seq_len, "seed": config.seed, "cache_dir": cache_dir}
+    train_sources = [s.to_source() for s in config.data.sources]
+    train_data = PackedDataset(train_sources, **common, eval_fraction=config.data.eval_fraction)
+    if config.data.eval_sources:
+        eval_sources = [s.to_source() for s in config.data.eval_sources]
+        return train_data, PackedDataset(eval_sources, **common, split="eval", eval_fraction=1.0)
+    return train_data, PackedDataset(train_sources, **common, split="eval", eval_fraction=config.data.eval_fraction)
+
+
+def _restore(config: TrainConfig, checkpoint: Path | None, model, optimizer, train_data: PackedDataset,
+             device: torch.device) -> tuple[int, dict]:
+    """Resume from this run's latest checkpoint (step, log, weights, optimizer, data position, RNG), else start at
+    step 0, taking the optimizer's moments from init_from when asked."""
+    if checkpoint is None:
+        if config.init_optimizer:
+            optimizer.load_state_dict(_load_trainer_state(Path(config.init_from))["optimizer"])
+        return 0, {"train": [], "eval": []}
+    state = _load_trainer_state(checkpoint)
+    model.load_state_dict(MiniCPMForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    train_data.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["log"]
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    schedule = config.schedule
+    return wsd_lr(
+        step,
+        max_lr=config.optim.lr,
+        warmup_steps=schedule.warmup_steps,
+        stable_steps=schedule.stable_steps,
+        decay_steps=schedule.decay_steps,
+        decay_shape=schedule.decay_shape,
+        min_lr_ratio=schedule.min_lr_ratio,
+    )
+
+
+def _optimizer_step(config: TrainConfig, model, optimizer, train_data: PackedDataset,
+                    device: torch.device) -> tuple[float, float | None]:
+    """One optimizer step over grad_accum micro-batches; returns the step's loss and the pre-clip gradient norm."""
+    step_loss = 0.0
+    for _ in range(config.data.grad_accum):
+        input_ids, labels = train_data.next_batch(config.data.batch_size)
+        with autocast_context(device, config.precision):
+            loss = model(input_ids.to(device), labels=labels.to(device)).loss / config.data.grad_accum
+        loss.backward()
+        step_loss += loss.item()
+    grad_norm = None
+    if config.optim.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
 def _prepare_tokenizer(config: TrainConfig, out_dir: Path):
     if config.tokenizer.path is not None:
         return load_tokenizer(config.tokenizer.path)
@@ -349,16 +351,6 @@ def _prepare_tokenizer(config: TrainConfig, out_dir: Path):
     return train_bpe_tokenizer(documents, config.tokenizer.vocab_size, own)
 
 
-def _latest_checkpoint(checkpoints: Path) -> Path | None:
-    pointer = checkpoints / LATEST_NAME
-    if not pointer.is_file():
-        return None
-    path = checkpoints / pointer.read_text().strip()
-    if not (path / TRAINER_STATE_NAME).is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which holds no {TRAINER_STATE_NAME}")
-    return path
-
-
 def _load_trainer_state(checkpoint: Path) -> dict:
     state_path = checkpoint / TRAINER_STATE_NAME
     if not state_path.is_file():
@@ -369,27 +361,25 @@ def _load_trainer_state(checkpoint: Path) -> dict:
 
 def _save_checkpoint(checkpoints: Path, step, model, optimizer, data, log, tokenizer, config, device) -> Path:
     """Written into a temp directory and renamed, then ``latest`` moves: a crash never leaves half a checkpoint."""
-    checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step:06d}"
-    tmp = checkpoints / f".{final.name}.tmp-{uuid.uuid4().hex}"
-    model.save_pretrained(tmp)
-    tokenizer.save(str(tmp / TOKENIZER_NAME))
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "data": data.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-        },
-        "log": log,
-        "config": config.model_dump(),
-    }
-    torch.save(state, tmp / TRAINER_STATE_NAME)
-    if final.exists():
+    if final.exists():  # left by a run that stopped before moving `latest` to it
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(checkpoints / LATEST_NAME, final.name + "\n")
+    with atomic_path(final, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save(str(tmp / TOKENIZER_NAME))
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "data": data.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            },
+            "log": log,
+            "config": config.model_dump(),
+        }
+        torch.save(state, tmp / TRAINER_STATE_NAME)
+    point_latest(checkpoints, final.name)
     for old in sorted(checkpoints.glob("step-*"))[: -config.keep_checkpoints]:
         shutil.rmtree(old)
     return final

@@ -5,17 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeInt,
-    PositiveInt,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
+from core import config as core_config
+from core.config import Strict
 from stages.classifier import ClassifierConfig
 from stages.dedup import DedupConfig
 from stages.extract import ExtractConfig
@@ -31,21 +24,13 @@ Step = Literal["ingest", "verify_seeds", "train_classifier", "score", "select", 
 STEP_ORDER: tuple[Step, ...] = ("ingest", "verify_seeds", "train_classifier", "score", "select", "verify_output")
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the file, the key and what is wrong."""
-
-
-class InputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class InputSpec(Strict):
     path: str = Field(description="a file or a glob; relative paths are relative to the config file")
     format: InputFormat | None = Field(None, description="default: from the file name")
     source: str | None = Field(None, description="label for the `source` column; default: the file name")
 
 
-class OutputConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OutputConfig(Strict):
     root: str = Field("ultraclean-output", description="dataset root; relative paths are relative to the working dir")
     rows_per_shard: PositiveInt = 100_000
     row_group_rows: PositiveInt = 10_000
@@ -60,17 +45,13 @@ class OutputConfig(BaseModel):
         return {"compression": compression, "write_statistics": True, "store_schema": False}
 
 
-class RayConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RayConfig(Strict):
     address: str | None = Field(None, description="a running cluster ('auto', 'ray://...'); null starts one in-process")
     num_cpus: PositiveInt | None = Field(None, description="CPUs for an in-process cluster")
     max_retries: NonNegativeInt = Field(3, description="Ray re-runs a task whose worker died this many times")
 
 
-class UltraCleanConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class UltraCleanConfig(Strict):
     name: str = "ultraclean"
     steps: list[Step] = Field(
         default_factory=lambda: ["ingest"], description="what `python -m pipelines.ultraclean run` does, in order"
@@ -110,35 +91,10 @@ class UltraCleanConfig(BaseModel):
         return self
 
 
-def describe_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        got = f" (got {problem['input']!r})" if problem["type"] not in ("missing",) and not isinstance(problem["input"], dict) else ""
-        lines.append(f"  - {where}: {problem['msg']}{got}")
-    return "\n".join(lines)
-
-
 def parse_config(data: object, source: str = "<config>") -> UltraCleanConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return UltraCleanConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, source)) from None
-
-
-def read_yaml(path: Path) -> object:
-    """A config file's YAML, or a ConfigError that names the file."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"invalid config {path}: not valid YAML: {error}") from None
+    return core_config.parse_config(UltraCleanConfig, data, source)
 
 
 def load_config(path: str | Path | None = None) -> tuple[UltraCleanConfig, Path]:
-    """Read and validate a YAML config; returns it with the directory its relative paths are relative to."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    return parse_config(read_yaml(path), str(path)), path.resolve().parent
+    """Read and validate a YAML config (default: the embedded one); returns it with its directory."""
+    return core_config.load_config(UltraCleanConfig, path or DEFAULT_CONFIG)

@@ -13,7 +13,6 @@ import json
 import shutil
 import time
 import traceback
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,24 +23,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipelines.config import ConfigError, UltraCleanConfig
-from pipelines.runtime import ensure_ray, gather
-from pipelines.versioning import (
+from core.accounting import Accounting
+from core.code_version import code_version
+from core.config import ConfigError
+from core.io import atomic_path, atomic_write_text, canonical_json, sha256_file
+from core.manifest import build_manifest, dataset_card, describe_shard
+from core.runtime import ensure_ray, gather
+from core.versions import (
     CARD_NAME,
-    MANIFEST_FORMAT,
     MANIFEST_NAME,
     SHARD_DIR,
-    atomic_write_text,
-    canonical_json,
-    code_version,
+    WORK_DIR,
     compute_version_id,
-    dataset_card,
-    describe_shard,
-    publish_version,
-    sha256_file,
-    shard_totals,
+    publish,
+    published_manifest,
 )
-from stages.base import Accounting, QuarantineEntry
+from pipelines.config import UltraCleanConfig
 from stages.dedup import MinHasher, band_duplicate_pairs, cluster_duplicates, content_hash, first_in_group
 from stages.extract import HtmlExtractor
 from stages.heuristics import HeuristicFilter
@@ -63,6 +60,10 @@ PART_SCHEMA = SHARD_SCHEMA.append(pa.field("order", pa.int64())).append(pa.field
     pa.field("minhash_bands", pa.list_(pa.uint64()))
 )
 ORDER_BITS = 40  # order = input index << 40 | record number: run order survives any scheduling
+# The code that shapes an ingested version's rows: the stages and this job (ordering, dedup, sharding).
+INGEST_CODE = ("stages", "pipelines.ingest")
+QUARANTINE_NAME = "quarantine.jsonl"
+CARD_DESCRIPTION = "Web text filtered by UltraClean (Ultra-FineWeb style): one document per row."
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _document_stages(config: UltraCleanConfig, item: ResolvedInput, accounting: 
     return docs
 
 
-def _part_rows(docs, item: ResolvedInput, config: UltraCleanConfig, accounting: Accounting):
+def _part_rows(docs, item: ResolvedInput, config: UltraCleanConfig):
     hasher = MinHasher(config.dedup.minhash) if config.dedup.minhash.enabled else None
     for number, doc in enumerate(docs):
         language = doc.metadata["language"]
@@ -138,31 +139,28 @@ def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dic
     config = UltraCleanConfig.model_validate(config_data)
     accounting = Accounting()
     started = time.perf_counter()
-    tmp = part.with_name(f".{part.name}.tmp")
     kept = 0
-    try:
-        # the format check is inside the try: an input we cannot read is bad input, not a reason to stop
-        docs = _document_stages(config, item, accounting)
-        with pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
-            batch: list[dict] = []
-            for row in _part_rows(docs, item, config, accounting):
-                batch.append(row)
-                if len(batch) >= 1000:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
-                    kept, batch = kept + len(batch), []
-            writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
-            kept += len(batch)
-    except Exception as error:  # noqa: BLE001 - anything unforeseen quarantines this input whole; other inputs go on
-        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-        accounting = Accounting(
-            records_in=accounting.records_in,
-            quarantined=[QuarantineEntry(Path(item.path).name, "file", f"input failed, all of it quarantined: {detail}",
-                                         accounting.records_in, "read")],
-        )
-        kept = 0
-        with pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
-            writer.write_table(PART_SCHEMA.empty_table())
-    tmp.replace(part)
+    with atomic_path(part) as tmp:
+        try:
+            # the format check is inside the try: an input we cannot read is bad input, not a reason to stop
+            docs = _document_stages(config, item, accounting)
+            with pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
+                batch: list[dict] = []
+                for row in _part_rows(docs, item, config):
+                    batch.append(row)
+                    if len(batch) >= 1000:
+                        writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
+                        kept, batch = kept + len(batch), []
+                writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
+                kept += len(batch)
+        except Exception as error:  # noqa: BLE001 - anything unforeseen quarantines this input whole; other inputs go on
+            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+            accounting = Accounting(records_in=accounting.records_in)
+            accounting.quarantine(Path(item.path).name, "file", f"input failed, all of it quarantined: {detail}",
+                                  accounting.records_in, "read")
+            kept = 0
+            with pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
+                writer.write_table(PART_SCHEMA.empty_table())
     accounting.seconds["total"] = time.perf_counter() - started
     result = {"input": asdict(item), "kept": kept, "accounting": accounting.as_dict()}
     atomic_write_text(stats_path, json.dumps(result, sort_keys=True))
@@ -187,10 +185,7 @@ def find_duplicates(part_paths: list[str], config: UltraCleanConfig) -> tuple[np
     if config.dedup.minhash.enabled and len(keys):
         excluded = ray.put(exact)
         refs = [band_pairs.remote(part_paths, band, excluded) for band in range(config.dedup.minhash.num_bands)]
-        pairs = [result for result in gather(refs, "dedup: minhash bands")]
-        failed = [r for r in pairs if isinstance(r, Exception)]
-        if failed:
-            raise RuntimeError(f"MinHash band grouping failed: {failed[0]}")
+        pairs = gather(refs, "dedup: minhash bands", labels=[f"band {band}" for band in range(len(refs))])
         near = cluster_duplicates(pl.concat(pairs))
     return exact, near
 
@@ -206,9 +201,8 @@ def write_shard(pieces: list[tuple[str, list[int]]], out_path: str, config_data:
             table = pq.read_table(part_path)
             tables.append(table.filter(pc.is_in(table["order"], value_set=pa.array(orders, pa.int64()))))
         shard = pa.concat_tables(tables).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-        tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(shard, tmp, row_group_size=config.output.row_group_rows, **config.output.parquet_options())
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            pq.write_table(shard, tmp, row_group_size=config.output.row_group_rows, **config.output.parquet_options())
     return describe_shard(out, config.output.tokenizer)
 
 
@@ -247,24 +241,28 @@ def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | Non
 
     fingerprints = ray.get([fingerprint_input.remote(item.path) for item in inputs])
     input_ids = [{**fp, "format": item.format, "source": item.source} for fp, item in zip(fingerprints, inputs)]
-    version_id = compute_version_id(inputs=input_ids, config=content_config(config), code=code_version(), parent=None)
-    final = root / version_id
-    if (final / MANIFEST_NAME).is_file():
-        manifest = json.loads((final / MANIFEST_NAME).read_text())
-        return IngestResult(final, manifest, reused=True, seconds=time.perf_counter() - started, stage_seconds={})
+    version_id = compute_version_id(inputs=input_ids, config=content_config(config),
+                                    code=code_version(*INGEST_CODE), parent=None)
+    manifest = published_manifest(root, version_id)
+    if manifest is not None:
+        return IngestResult(root / version_id, manifest, reused=True, seconds=time.perf_counter() - started,
+                            stage_seconds={})
 
-    work = root / ".work" / version_id
+    work = root / WORK_DIR / version_id
     (work / "parts").mkdir(parents=True, exist_ok=True)
     config_data = config.model_dump(mode="json")
     part_paths = [str(work / "parts" / f"part-{item.index:05d}.parquet") for item in inputs]
     task = process_input.options(num_cpus=1, max_retries=config.ray.max_retries)
-    results = gather([task.remote(item, config_data, path) for item, path in zip(inputs, part_paths)], "ingest: inputs")
+    results = gather([task.remote(item, config_data, path) for item, path in zip(inputs, part_paths)],
+                     "ingest: inputs", raise_on_error=False)
 
     accountings, live_parts = [], []
     for item, path, result in zip(inputs, part_paths, results):
         if isinstance(result, Exception):  # the worker died on every retry: the whole input is quarantined
             error = f"worker failed after {config.ray.max_retries} retries: {type(result).__name__}: {str(result)[:500]}"
-            accountings.append(Accounting(quarantined=[QuarantineEntry(Path(item.path).name, "file", error, 0, "read")]))
+            failed = Accounting()
+            failed.quarantine(Path(item.path).name, "file", error, 0, "read")
+            accountings.append(failed)
             continue
         accountings.append(Accounting.from_dict(result["accounting"]))
         live_parts.append(path)
@@ -273,89 +271,41 @@ def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | Non
     dedup = Accounting()
     dedup.drop("dedup", "exact_duplicate", len(exact))
     dedup.drop("dedup", "minhash_duplicate", len(near))
-    dropped_orders = np.union1d(exact, near)
+    shards = write_shards(live_parts, np.union1d(exact, near), work / "staging", config)
 
-    part_orders = []
-    for path in live_parts:
-        orders = pq.read_table(path, columns=["order"])["order"].to_numpy()
-        part_orders.append((path, np.setdiff1d(orders, dropped_orders, assume_unique=True)))
+    total = sum(accountings, Accounting()) + dedup
+    filters = [f"filter_{f.kind}" for f in config.filters if f.enabled]
+    manifest = build_manifest(
+        version_id=version_id, name=config.name, kind="ultraclean-ingest", parent=None,
+        code_version=code_version(*INGEST_CODE),
+        inputs=[{**fp, "records_in": a.records_in, "quarantine_entries": len(a.quarantined)}
+                for fp, a in zip(input_ids, accountings)],
+        config=content_config(config), schema=SHARD_SCHEMA, shards=shards, accounting=total,
+        stage_order=["read", "extract", "language", *filters, "dedup"],
+    )
     staging = work / "staging"
-    (staging / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    plans = plan_shards(part_orders, config.output.rows_per_shard)
-    shard_refs = [
-        write_shard.options(num_cpus=1, max_retries=config.ray.max_retries).remote(
-            plan, str(staging / SHARD_DIR / f"shard-{number:05d}.parquet"), config_data
-        )
-        for number, plan in enumerate(plans)
-    ]
-    shards = gather(shard_refs, "emit: shards")
-    failed = [s for s in shards if isinstance(s, Exception)]
-    if failed:
-        raise RuntimeError(f"writing shards failed (re-run to resume): {failed[0]}")
-
-    manifest = build_manifest(version_id, config, input_ids, inputs, accountings, dedup, shards)
     atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
-    atomic_write_text(staging / CARD_NAME, dataset_card(manifest))
-    atomic_write_text(staging / "quarantine.jsonl", "".join(
-        json.dumps(entry.as_dict(), sort_keys=True, ensure_ascii=False) + "\n" for a in accountings for entry in a.quarantined
+    atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=CARD_DESCRIPTION))
+    atomic_write_text(staging / QUARANTINE_NAME, "".join(
+        json.dumps(entry.as_dict(), sort_keys=True, ensure_ascii=False) + "\n" for entry in total.quarantined
     ))
-    final = publish_version(staging, root, version_id)
+    final = publish(staging, root, version_id)
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    stage_seconds: Counter = Counter()
-    for accounting in accountings:
-        stage_seconds.update(accounting.seconds)
-    return IngestResult(final, manifest, reused=False, seconds=time.perf_counter() - started, stage_seconds=dict(stage_seconds))
+    return IngestResult(final, manifest, reused=False, seconds=time.perf_counter() - started,
+                        stage_seconds=dict(total.seconds))
 
 
-def stage_table(accountings: list[Accounting], dedup: Accounting, filters: list[str]) -> list[dict]:
-    """Per stage: documents in, out, dropped (with reasons) and quarantined, in pipeline order."""
-    order = ["read", "extract", "language", *filters, "dedup"]
-    dropped: dict[str, Counter] = {stage: Counter() for stage in order}
-    quarantined: Counter = Counter()
-    for accounting in [*accountings, dedup]:
-        for stage, reasons in accounting.dropped.items():
-            dropped.setdefault(stage, Counter()).update(reasons)
-        for entry in accounting.quarantined:
-            quarantined[entry.stage] += entry.records
-    rows, remaining = [], sum(a.records_in for a in accountings)
-    for stage in order:
-        out = remaining - sum(dropped[stage].values()) - quarantined[stage]
-        rows.append({"stage": stage, "in": remaining, "out": out, "dropped": dict(sorted(dropped[stage].items())),
-                     "quarantined": quarantined[stage]})
-        remaining = out
-    return rows
-
-
-def build_manifest(version_id, config, input_ids, inputs, accountings, dedup, shards) -> dict:
-    filters = [f"filter_{f.kind}" for f in config.filters if f.enabled]
-    stages = stage_table(accountings, dedup, filters)
-    records_in = sum(a.records_in for a in accountings)
-    kept = sum(s["rows"] for s in shards)
-    dropped = sum(sum(s["dropped"].values()) for s in stages)
-    quarantined = sum(a.quarantined_records for a in accountings)
-    if records_in != kept + dropped + quarantined:
-        raise RuntimeError(f"accounting does not add up: {records_in} in != {kept} kept + {dropped} dropped + {quarantined} quarantined")
-    return {
-        "format": MANIFEST_FORMAT,
-        "version_id": version_id,
-        "name": config.name,
-        "parent": None,
-        "code_version": code_version(),
-        "inputs": [
-            {**fp, "records_in": a.records_in, "quarantine_entries": len(a.quarantined)}
-            for fp, a in zip(input_ids, accountings)
-        ],
-        "config": content_config(config),
-        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
-        "shards": shards,
-        "totals": shard_totals(shards),
-        "accounting": {
-            "records_in": records_in,
-            "kept": kept,
-            "dropped": dropped,
-            "quarantined": quarantined,
-            "quarantine_entries": sum(len(a.quarantined) for a in accountings),
-        },
-        "stages": stages,
-    }
+def write_shards(part_paths: list[str], dropped_orders: np.ndarray, staging: Path,
+                 config: UltraCleanConfig) -> list[dict]:
+    """Phase 3: every part's surviving documents, in run order, into shards of rows_per_shard (a task each)."""
+    part_orders = []
+    for path in part_paths:
+        orders = pq.read_table(path, columns=["order"])["order"].to_numpy()
+        part_orders.append((path, np.setdiff1d(orders, dropped_orders, assume_unique=True)))
+    (staging / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    config_data = config.model_dump(mode="json")
+    task = write_shard.options(num_cpus=1, max_retries=config.ray.max_retries)
+    refs = [task.remote(plan, str(staging / SHARD_DIR / f"shard-{number:05d}.parquet"), config_data)
+            for number, plan in enumerate(plan_shards(part_orders, config.output.rows_per_shard))]
+    return gather(refs, "emit: shards", labels=[f"shard {number}" for number in range(len(refs))])

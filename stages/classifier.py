@@ -14,28 +14,26 @@ which makes training and scoring normalise identically by construction.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
+import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import fasttext
 import numpy as np
-import ray
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from pipelines.runtime import ensure_ray
-from pipelines.versioning import (
-    LATEST_NAME,
-    atomic_write_text,
-    canonical_json,
-    code_version,
-    save_figure,
-    sha256_file,
-)
+from core.code_version import code_version
+from core.config import Strict
+from core.figures import save_figure
+from core.io import atomic_write_text, canonical_json, sha256_file
+from core.versions import new_staging, open_entry, publish
 from stages.normalize import NormalizeConfig, TextNormalizer
 from stages.seeds import SeedPools, SeedsConfig, assemble_seed_pools
 
@@ -44,12 +42,14 @@ METADATA_NAME = "metadata.json"
 MODEL_NAME = "model.bin"
 HISTOGRAM_NAME = "score_histogram.png"
 LABEL_PREFIX = "__label__"
+CLASSIFIER_ID = re.compile(r"c-[0-9a-f]{16}")
+_M_PERTURB = -6  # glibc mallopt parameter (malloc.h)
+# The code that shapes a trained classifier: a change here trains a new one.
+CLASSIFIER_CODE = ("stages.classifier", "stages.normalize", "stages.seeds")
 
 
-class FastTextParams(BaseModel):
+class FastTextParams(Strict):
     """``fasttext.train_supervised`` arguments, under fastText's own names; defaults from REFERENCE.md."""
-
-    model_config = ConfigDict(extra="forbid")
 
     lr: PositiveFloat = 0.1
     dim: PositiveInt = 256
@@ -64,9 +64,7 @@ class FastTextParams(BaseModel):
     seed: int = 0
 
 
-class ClassifierLabels(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ClassifierLabels(Strict):
     positive: str = "hq"
     negative: str = "lq"
 
@@ -82,9 +80,7 @@ class ClassifierLabels(BaseModel):
         return {"positive": LABEL_PREFIX + self.positive, "negative": LABEL_PREFIX + self.negative}
 
 
-class ClassifierConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ClassifierConfig(Strict):
     output_root: str = Field("ultraclean-classifiers", description="classifier root; relative to the working dir")
     seeds: SeedsConfig
     labels: ClassifierLabels = Field(default_factory=ClassifierLabels)
@@ -93,7 +89,6 @@ class ClassifierConfig(BaseModel):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held out of each pool for evaluation")
     decision_threshold: float = Field(0.5, ge=0.0, le=1.0, description="score cut for precision/recall/F1")
     histogram_bins: PositiveInt = 40
-    train_retries: NonNegativeInt = Field(4, description="re-runs of a fastText training that hit NaN (see fit_fasttext)")
 
 
 class ClassifierError(ValueError):
@@ -171,15 +166,9 @@ class QualityClassifier:
     @classmethod
     def load(cls, path: str | Path, expected_labels: ClassifierLabels | None = None) -> QualityClassifier:
         """Open a classifier directory (or a root with ``latest``); check the model file and its labels."""
-        path = Path(path)
-        if (path / LATEST_NAME).is_file() and not (path / METADATA_NAME).is_file():
-            path = path / (path / LATEST_NAME).read_text().strip()
+        path, metadata = open_entry(path, METADATA_NAME, CLASSIFIER_ID, CLASSIFIER_FORMAT,
+                                    "a trained classifier (train one first)", ClassifierError)
         metadata_path = path / METADATA_NAME
-        if not metadata_path.is_file():
-            raise ClassifierError(f"{path} is not a trained classifier: no {METADATA_NAME} (train one first)")
-        metadata = json.loads(metadata_path.read_text())
-        if metadata.get("format") != CLASSIFIER_FORMAT:
-            raise ClassifierError(f"{metadata_path}: unknown classifier format {metadata.get('format')!r}")
         model_path = path / metadata["model_file"]
         if not model_path.is_file():
             raise ClassifierError(f"classifier model file missing: {model_path} (named in {metadata_path})")
@@ -244,43 +233,74 @@ def classifier_id(config: ClassifierConfig, pools: SeedPools) -> str:
     payload = canonical_json({
         "seeds": {"positive": pools.positive.sources, "negative": pools.negative.sources},
         "config": config.model_dump(mode="json", exclude={"output_root"}),
-        "code": code_version(),
+        "code": code_version(*CLASSIFIER_CODE),
     })
     return "c-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-class FastTextNaNError(RuntimeError):
-    """fastText's 'Encountered NaN.'"""
+@contextlib.contextmanager
+def zero_filled_allocations():
+    """Make glibc hand out zero-filled memory for the duration (``M_PERTURB`` = 0xFF: allocations are filled with
+    the byte's complement, 0).
 
-
-@ray.remote
-def fit_fasttext(train_file: str, params: dict, model_path: str) -> None:
-    """One fastText training run, in a Ray task. fasttext 0.9.2 (the NumPy 2 wheel) sometimes throws 'Encountered
-    NaN' on inputs and settings that train cleanly on the next attempt; the runs that finish are bit-identical
-    for a given seed with thread=1, so Ray re-runs the task on that error (``retry_exceptions``)."""
+    Why: fastText (the NumPy-2 wheel, built from fastText's master) allocates the input embedding matrix with
+    ``posix_memalign`` (intgemm's AlignedVector), which does not clear memory, and ``DenseMatrix::uniform`` with
+    ``thread=1`` fills only the first tenth of it (it splits the matrix into 10 blocks and fills one per thread).
+    The other nine tenths (most word rows and every hashed n-gram bucket) start as whatever the heap held, often
+    the weights of a model trained earlier in the process: training on the same file with the same seed gave
+    different models, and sometimes "Encountered NaN". Zero-filled, those rows start at 0, as they did in fastText
+    0.9.2's release (a zero-initialised std::vector), and every run gives the same model. On a libc without
+    ``mallopt`` nothing changes.
+    """
     try:
-        model = fasttext.train_supervised(input=train_file, verbose=0, **params)
-    except RuntimeError as error:
-        raise FastTextNaNError(str(error)) from None
-    model.save_model(model_path)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        yield
+        return
+    mallopt(_M_PERTURB, 0xFF)
+    try:
+        yield
+    finally:
+        mallopt(_M_PERTURB, 0)
 
 
-def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path | None = None) -> ClassifierResult:
-    """Assemble the seed pools, train fastText on the training split, evaluate on the held-out split, publish."""
-    pools = assemble_seed_pools(config.seeds, base_dir)
-    ensure_ray()
-    root = Path(output_root or config.output_root).resolve()
-    cid = classifier_id(config, pools)
-    final = root / cid
-    if (final / METADATA_NAME).is_file():
-        return ClassifierResult(final, json.loads((final / METADATA_NAME).read_text()), reused=True)
+def fit_fasttext(train_file: Path, params: FastTextParams, model_path: Path) -> None:
+    with zero_filled_allocations():
+        try:
+            model = fasttext.train_supervised(input=str(train_file), verbose=0, **params.model_dump())
+        except RuntimeError as error:
+            raise ClassifierError(f"fastText training failed on {train_file.name}: {error} "
+                                  f"(settings: {params.model_dump()})") from None
+    model.save_model(str(model_path))
 
+
+@dataclass
+class TrainingSplit:
+    """Normalised seed documents: labelled training lines and held-out (text, is_positive) pairs."""
+
+    train_rows: list[tuple[str, str]]
+    eval_rows: list[tuple[str, bool]]
+    sizes: dict
+    seed: int
+
+    def write_training_file(self, path: Path) -> Path:
+        """fastText's input: one ``__label__x text`` line per document, shuffled (its SGD sees lines in file order,
+        so the classes must interleave)."""
+        order = np.random.default_rng([self.seed, 1]).permutation(len(self.train_rows))
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(f"{self.train_rows[i][0]} {self.train_rows[i][1]}\n" for i in order)
+        return path
+
+
+def split_pools(config: ClassifierConfig, pools: SeedPools) -> TrainingSplit:
+    """Normalise both pools and hold eval_fraction of each out, with the seed pools' seed."""
     labels = config.labels.fasttext_labels()
     normalizer = TextNormalizer(config.normalize)
     rng = np.random.default_rng(config.seeds.seed)
     train_rows: list[tuple[str, str]] = []
     eval_rows: list[tuple[str, bool]] = []
-    split_sizes = {}
+    sizes = {}
     for which, pool in (("positive", pools.positive), ("negative", pools.negative)):
         texts = [normalizer(t) for t in pool.texts]
         texts = [t for t in texts if t]
@@ -289,24 +309,24 @@ def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path
         train_idx, eval_idx = _split(len(texts), config.eval_fraction, rng)
         train_rows += [(labels[which], texts[i]) for i in train_idx]
         eval_rows += [(texts[i], which == "positive") for i in eval_idx]
-        split_sizes[which] = {"train": len(train_idx), "eval": len(eval_idx)}
+        sizes[which] = {"train": len(train_idx), "eval": len(eval_idx)}
+    return TrainingSplit(train_rows, eval_rows, sizes, config.seeds.seed)
 
-    staging = root / ".work" / f"{cid}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+
+def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path | None = None) -> ClassifierResult:
+    """Assemble the seed pools, train fastText on the training split, evaluate on the held-out split, publish."""
+    pools = assemble_seed_pools(config.seeds, base_dir)
+    root = Path(output_root or config.output_root).resolve()
+    cid = classifier_id(config, pools)
+    final = root / cid
+    if (final / METADATA_NAME).is_file():
+        return ClassifierResult(final, json.loads((final / METADATA_NAME).read_text()), reused=True)
+
+    split = split_pools(config, pools)
+    staging = new_staging(root, cid)
     try:
-        train_file = staging / "train.txt"
-        # fastText's SGD sees lines in file order: shuffle so the classes interleave
-        with open(train_file, "w", encoding="utf-8") as f:
-            f.writelines(f"{train_rows[i][0]} {train_rows[i][1]}\n" for i in rng.permutation(len(train_rows)))
-        task = fit_fasttext.options(num_cpus=config.fasttext.thread, max_retries=config.train_retries,
-                                    retry_exceptions=[FastTextNaNError])
-        try:
-            ray.get(task.remote(str(train_file), config.fasttext.model_dump(), str(staging / MODEL_NAME)))
-        except FastTextNaNError as error:
-            raise ClassifierError(
-                f"fastText training hit NaN on {config.train_retries + 1} attempts ({error}); lower "
-                f"classifier.fasttext.lr (now {config.fasttext.lr}) or change classifier.fasttext.seed"
-            ) from None
+        train_file = split.write_training_file(staging / "train.txt")
+        fit_fasttext(train_file, config.fasttext, staging / MODEL_NAME)
         train_file.unlink()
         model = fasttext.load_model(str(staging / MODEL_NAME))
 
@@ -315,7 +335,7 @@ def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path
             "classifier_id": cid,
             "model_file": MODEL_NAME,
             "model_sha256": sha256_file(staging / MODEL_NAME),
-            "labels": labels,
+            "labels": config.labels.fasttext_labels(),
             "normalize": config.normalize.model_dump(mode="json"),
             "fasttext": config.fasttext.model_dump(mode="json"),
             "seeds": {
@@ -324,12 +344,12 @@ def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path
                 "balance": pools.balance,
                 "seed": config.seeds.seed,
             },
-            "split": {"eval_fraction": config.eval_fraction, **split_sizes},
-            "code_version": code_version(),
+            "split": {"eval_fraction": config.eval_fraction, **split.sizes},
+            "code_version": code_version(*CLASSIFIER_CODE),
         }
         classifier = QualityClassifier(staging, metadata, model)
-        eval_texts = [t for t, _ in eval_rows]
-        is_positive = np.array([p for _, p in eval_rows], dtype=bool)
+        eval_texts = [t for t, _ in split.eval_rows]
+        is_positive = np.array([p for _, p in split.eval_rows], dtype=bool)
         scores = classifier.probabilities(eval_texts)[:, 0]
         metadata["metrics"] = binary_metrics(scores, is_positive, config.decision_threshold)
         write_score_histogram(
@@ -337,12 +357,7 @@ def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path
             f"{cid}: held-out ROC-AUC {metadata['metrics']['roc_auc']:.3f}",
         )
         atomic_write_text(staging / METADATA_NAME, canonical_json(metadata))
-        if final.exists():  # a concurrent run published the same classifier first
-            shutil.rmtree(staging)
-        else:
-            staging.replace(final)
-        atomic_write_text(root / LATEST_NAME, cid + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ClassifierResult(final, metadata, reused=False)
+    return ClassifierResult(publish(staging, root, cid), metadata, reused=False)

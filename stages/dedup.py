@@ -15,16 +15,16 @@ import numpy as np
 import polars as pl
 import regex
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
+
+from core.config import Strict
 
 _MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 _PUNCTUATION = regex.compile(r"[\p{P}\p{S}]+")
 _UNSEGMENTED_SCRIPTS = {"zh", "ja", "ko", "th", "lo", "my", "km", "bo", "wuu", "yue"}
 
 
-class MinHashConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MinHashConfig(Strict):
     enabled: bool = True
     num_bands: PositiveInt = 14
     rows_per_band: PositiveInt = 8
@@ -32,9 +32,7 @@ class MinHashConfig(BaseModel):
     seed: int = 1
 
 
-class DedupConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DedupConfig(Strict):
     exact: bool = True
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from datatrove.data import Document
 from datatrove.pipeline.extractors import Trafilatura
-from pydantic import BaseModel, ConfigDict
 
+from core.config import Strict
 from stages.base import Stage
 
 
-class ExtractConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ExtractConfig(Strict):
     favour_precision: bool = True
     # trafilatura's deduplicate remembers text segments across documents in a process-wide cache, so a page's
     # output would depend on which pages the same worker saw before: off, for byte-identical re-runs

@@ -17,8 +17,9 @@ from datatrove.pipeline.filters import (
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from core.config import Strict
 from stages.base import Stage
 
 FILTER_CLASSES = {
@@ -30,9 +31,7 @@ FILTER_CLASSES = {
 _NOT_THRESHOLDS = {"self", "exclusion_writer", "language", "batch_size"}
 
 
-class FilterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FilterConfig(Strict):
     kind: Literal["gopher_repetition", "gopher_quality", "c4", "fineweb"]
     enabled: bool = True
     languages: list[str] = Field(default_factory=lambda: ["en"])

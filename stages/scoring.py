@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
 
+from core.config import Strict
 from stages.classifier import LABEL_PREFIX, QualityClassifier
 
 SCORE_COLUMN = "score"
 
 
-class ScoringConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ScoringConfig(Strict):
     classifier: str | None = Field(
         None, description="classifier directory (or a root with `latest`); null: the newest in classifier.output_root"
     )

@@ -17,16 +17,16 @@ from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 
-from pipelines.versioning import DatasetVersion, sha256_file
+from core.config import Strict
+from core.io import sha256_file
+from core.versions import DatasetVersion
 
 SeedFormat = Literal["parquet", "jsonl", "text", "dataset"]
 
 
-class SeedSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SeedSource(Strict):
     path: str = Field(description="a file or a dataset version (or root); relative paths are relative to the config")
     format: SeedFormat | None = Field(None, description="default: a directory is a dataset version, else the suffix")
     text_key: str | None = Field(None, description="column/field holding the text; default content, else text")
@@ -37,16 +37,12 @@ class SeedSource(BaseModel):
     max_documents: PositiveInt | None = Field(None, description="sample at most this many from the source")
 
 
-class SeedPoolConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SeedPoolConfig(Strict):
     sources: list[SeedSource] = Field(min_length=1)
     size: PositiveInt | None = Field(None, description="sample the whole pool down to this many documents")
 
 
-class SeedsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SeedsConfig(Strict):
     positive: SeedPoolConfig
     negative: SeedPoolConfig
     balance: Literal["none", "downsample", "upsample"] = Field(

@@ -15,16 +15,15 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from core.config import Strict
 from stages.scoring import SCORE_COLUMN
 
 ALL_LANGUAGES = "*"
 
 
-class SelectConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SelectConfig(Strict):
     mode: Literal["threshold", "top_fraction"] = "threshold"
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="mode threshold: keep score >= threshold")
     top_fraction: float = Field(0.1, gt=0.0, le=1.0, description="mode top_fraction: keep this best fraction")

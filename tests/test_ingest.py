@@ -24,12 +24,13 @@ import pytest
 import yaml
 from datatrove.data import Document
 
-from pipelines.config import ConfigError, load_config, parse_config
+from core.accounting import Accounting
+from core.config import ConfigError
+from core.runtime import TasksFailed, gather
+from core.versions import DatasetVersion, resolve_parquet_files, verify_version
+from pipelines.config import load_config, parse_config
 from pipelines.ingest import run_ingest
-from pipelines.runtime import gather
 from pipelines.ultraclean import main as ultraclean_main
-from pipelines.versioning import DatasetVersion, resolve_parquet_files, verify_version
-from stages.base import Accounting
 from stages.dedup import MinHashConfig, MinHasher, content_hash
 from stages.extract import ExtractConfig, HtmlExtractor
 from stages.heuristics import FilterConfig, HeuristicFilter
@@ -163,11 +164,26 @@ def real_run(ray_local, real_inputs, tmp_path_factory):
     return run_ingest(config, REPO, tmp_path_factory.mktemp("real") / "out")
 
 
-def test_end_to_end_accounting_and_formats(real_run):
+def _count_warc_records(path: str, record_type: str) -> int:
+    from warcio.archiveiterator import ArchiveIterator
+
+    with open(path, "rb") as stream:
+        return sum(1 for record in ArchiveIterator(stream) if record.rec_type == record_type)
+
+
+def test_end_to_end_accounting_and_formats(real_run, real_inputs):
     manifest = real_run.manifest
     accounting = manifest["accounting"]
-    assert accounting["records_in"] == 16 + 1 + 697
-    assert accounting["records_in"] == accounting["kept"] + accounting["dropped"] + accounting["quarantined"]
+    # records counted here, from the files themselves: WARC responses, WET conversions, non-blank JSONL lines
+    responses = _count_warc_records(real_inputs[0]["path"], "response")
+    conversions = _count_warc_records(real_inputs[1]["path"], "conversion")
+    with gzip.open(real_inputs[2]["path"], "rt", encoding="utf-8") as lines:
+        documents = sum(1 for line in lines if line.strip())
+    assert (responses, conversions, documents) == (16, 1, 697)
+    assert accounting["records_in"] == responses + conversions + documents
+    rows = pa.dataset.dataset([str(p) for p in resolve_parquet_files(real_run.version_path)]).count_rows()
+    dropped = sum(sum(stage["dropped"].values()) for stage in manifest["stages"])
+    assert accounting["records_in"] - rows == dropped + accounting["quarantined"] > 0
     assert manifest["stages"][0]["in"] == 714 and manifest["stages"][-1]["out"] == accounting["kept"]
     assert len(manifest["shards"]) == -(-accounting["kept"] // 150) and accounting["kept"] > 300
     files = [str(p) for p in resolve_parquet_files(real_run.version_path)]
@@ -261,8 +277,8 @@ def test_bad_inputs_are_quarantined_and_the_run_goes_on(ray_local, shared_data, 
     config = parse_config(_config([{"path": str(tmp_path / "*")}], filters=[]))
     result = run_ingest(config, REPO, tmp_path / "out")
 
-    accounting = result.manifest["accounting"]
-    assert accounting["records_in"] == accounting["kept"] + accounting["dropped"] + accounting["quarantined"]
+    records_in = {Path(entry["name"]).name: entry["records_in"] for entry in result.manifest["inputs"]}
+    assert (records_in["mixed.jsonl"], records_in["wrong_schema.parquet"], records_in["metadata.warc.wat.gz"]) == (5, 1, 0)
     errors = [json.loads(line) for line in (result.version_path / "quarantine.jsonl").read_text().splitlines()]
     by_source = {}
     for entry in errors:
@@ -276,7 +292,7 @@ def test_bad_inputs_are_quarantined_and_the_run_goes_on(ray_local, shared_data, 
     assert any("WAT files hold crawl metadata" in e for e in by_source["metadata.warc.wat.gz"])
     assert result.manifest["stages"][0]["dropped"]["empty"] == 1
     kept = pl.read_parquet(resolve_parquet_files(result.version_path))
-    assert PROSE in kept["content"].to_list()  # the good line of the mixed file made it through
+    assert kept.filter(pl.col("source") == "mixed.jsonl")["content"].to_list() == [PROSE]  # its one good line
     assert kept.filter(pl.col("source") == "broken.warc.gz").height >= 3  # records before the break are kept
 
 
@@ -309,8 +325,10 @@ def test_ray_retries_a_killed_worker(ray_local, tmp_path):
         return 42
 
     assert gather([dies_once.options(max_retries=2).remote(str(tmp_path / "a"))], "test") == [42]
-    [outcome] = gather([dies_once.options(max_retries=0).remote(str(tmp_path / "b"))], "test")
-    assert isinstance(outcome, Exception)  # a task that fails for good comes back as a value, not a crash
+    [outcome] = gather([dies_once.options(max_retries=0).remote(str(tmp_path / "b"))], "test", raise_on_error=False)
+    assert isinstance(outcome, Exception)  # raise_on_error=False: a task that fails for good comes back as a value
+    with pytest.raises(TasksFailed, match=r"test: 1 of 1 task\(s\) failed:\n  the dying task: WorkerCrashedError"):
+        gather([dies_once.options(max_retries=0).remote(str(tmp_path / "c"))], "test", labels=["the dying task"])
 
 
 # --- the real command lines ------------------------------------------------------------------------------------

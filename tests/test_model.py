@@ -405,4 +405,7 @@ def test_rope_frequencies_stay_float32_in_a_bf16_model(tmp_path):
     model.save_pretrained(tmp_path)
     for m in (model, MiniCPMForCausalLM.from_pretrained(tmp_path)):
         assert m.rotary.inv_freq.dtype == torch.float32
-        torch.testing.assert_close(m.rotary.inv_freq, tiny_model().rotary.inv_freq, rtol=0, atol=0)
+        d, theta = m.config.head_dim, m.config.rope_theta
+        expected = [1.0 / theta ** (2 * i / d) for i in range(d // 2)]  # 1 / theta^(2i/D), in float64
+        torch.testing.assert_close(m.rotary.inv_freq.double(), torch.tensor(expected, dtype=torch.float64),
+                                   rtol=1e-7, atol=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,34 +13,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.classify import score_version, select_version
+from core.manifest import publish_table
+from core.versions import DatasetVersion, verify_version
 from pipelines.config import parse_config
+from pipelines.score import score_version
+from pipelines.selection import select_version
 from pipelines.ultraclean import main as ultraclean_main
-from pipelines.versioning import (
-    MANIFEST_FORMAT,
-    SHARD_DIR,
-    DatasetVersion,
-    atomic_write_text,
-    canonical_json,
-    describe_shard,
-    shard_totals,
-    verify_version,
-)
 from stages.classifier import ClassifierConfig, QualityClassifier, train_classifier
 from stages.readers import InputReader, ReadConfig
-
-
-def _make_version(root: Path, table: pa.Table, rows_per_shard: int) -> Path:
-    """A minimal ingest-shaped version (the scoring step only needs shards + manifest)."""
-    path = root / "v-parent"
-    (path / SHARD_DIR).mkdir(parents=True)
-    for number, start in enumerate(range(0, len(table), rows_per_shard)):
-        pq.write_table(table.slice(start, rows_per_shard), path / SHARD_DIR / f"shard-{number:05d}.parquet")
-    shards = [describe_shard(p) for p in sorted((path / SHARD_DIR).glob("*.parquet"))]
-    manifest = {"format": MANIFEST_FORMAT, "version_id": "v-parent", "name": "t", "parent": None, "shards": shards,
-                "schema": {f.name: str(f.type) for f in table.schema}, "totals": shard_totals(shards)}
-    atomic_write_text(path / "manifest.json", canonical_json(manifest))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +31,7 @@ def setup(ray_local, shared_data, tmp_path_factory):
     contents = [d.text for d in docs] + ["", "  \n ", docs[0].text * 60]  # empty, blank, huge (> max_chars)
     languages = ["en" if i % 3 else "es" for i in range(len(contents))]  # two language groups of known size
     table = pa.table({"content": contents, "id": [str(i) for i in range(len(contents))], "language": languages})
-    parent = _make_version(work / "data", table, rows_per_shard=100)
+    parent = publish_table(table, work / "data", name="t", rows_per_shard=100)
     classifier_config = ClassifierConfig.model_validate({
         "seeds": {"positive": {"sources": [{"path": str(shared_data / "text/wikitext-2/valid.txt"), "split": "line",
                                             "min_chars": 200, "max_documents": 150}]},
@@ -69,9 +48,9 @@ def setup(ray_local, shared_data, tmp_path_factory):
 
 
 def test_scored_version_adds_scores_that_match_the_classifier(setup):
-    _, _, classifier_path, scored, table, _ = setup
+    _, parent, classifier_path, scored, table, _ = setup
     manifest = scored.manifest
-    assert manifest["parent"] == "v-parent" and not verify_version(scored.version_path)
+    assert manifest["parent"] == parent.name and not verify_version(scored.version_path)
     assert manifest["accounting"] == {"records_in": len(table), "kept": len(table), "dropped": 0, "quarantined": 0,
                                       "quarantine_entries": 0}
     assert manifest["scoring"] == {"scored": len(table) - 2, "empty": 2, "truncated": 1}

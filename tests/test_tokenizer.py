@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from model.tokenizer import SPECIAL_TOKENS, count_tokens, eos_id, load_tokenizer, train_bpe_tokenizer
+from model.tokenizer import SPECIAL_TOKENS, eos_id, load_tokenizer, train_bpe_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SHAKESPEARE = DATA / "text" / "tinyshakespeare.txt"
@@ -61,9 +61,3 @@ def test_texts_train_like_files_and_missing_tokenizer_is_named(tmp_path):
     assert tokenizer.token_to_id("aaa") is not None
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_tokenizer(tmp_path / "nowhere")
-
-
-def test_count_tokens_sums_encodings_without_specials(trained):
-    tokenizer, _ = trained
-    docs = ["First Citizen:\nBefore we proceed", "All:\nSpeak, speak.", "x" * 3000]
-    assert count_tokens(tokenizer, docs, batch_size=2) == sum(len(tokenizer.encode(d).ids) for d in docs)

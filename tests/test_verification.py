@@ -11,19 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from core.config import ConfigError
 from model.data import DataSource
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
+from pipelines.verify import verify
 from verification.anneal import CandidateTooSmall
-from verification.config import (
-    DecisionConfig,
-    ReferenceSet,
-    VerificationConfigError,
-    parse_verification_config,
-)
+from verification.config import DecisionConfig, ReferenceSet, parse_verification_config
 from verification.decide import INCONCLUSIVE, KEEP, REJECT, decide
 from verification.evaluate import choice_logprobs, reference_loss, reference_windows
 from verification.report import CURVES_NAME, DELTAS_NAME
-from verification.run import verify
 from verification.stage1 import Stage1Mismatch
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -233,13 +229,13 @@ def test_reference_loss_of_a_uniform_model_is_log_vocab(tmp_path):
 
 def test_config_errors_name_the_key(pools, tmp_path):
     good = config_dict(tmp_path, pools)
-    with pytest.raises(VerificationConfigError, match=r"anneal\.ratio"):
+    with pytest.raises(ConfigError, match=r"anneal\.ratio"):
         parse_verification_config({**good, "anneal": {**good["anneal"], "ratio": 0.3}})
-    with pytest.raises(VerificationConfigError, match="names no reference set"):
+    with pytest.raises(ConfigError, match="names no reference set"):
         parse_verification_config({**good, "decision": {"metric": "loss:hellaswag"}})
-    with pytest.raises(VerificationConfigError, match="at least 2"):
+    with pytest.raises(ConfigError, match="at least 2"):
         parse_verification_config({**good, "anneal": {**good["anneal"], "seeds": [0]}})
-    with pytest.raises(VerificationConfigError, match="baseline"):
+    with pytest.raises(ConfigError, match="baseline"):
         parse_verification_config({**good, "candidates": [{"name": "baseline", "path": pools["wiki"]}]})
 
 
@@ -278,7 +274,7 @@ def test_ultraclean_job_trains_the_classifier_on_verified_seeds_only(verified, p
 
 
 def test_verify_seeds_step_needs_its_sections():
-    from pipelines.config import ConfigError, parse_config
+    from pipelines.config import parse_config
 
     with pytest.raises(ConfigError, match="verify_seeds step needs a verification section"):
         parse_config({"steps": ["verify_seeds", "train_classifier"], "classifier": {

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
+from core.code_version import code_version
+from core.io import atomic_write_text, canonical_json
 from model.data import DataSource, tokenize_source
 from model.minicpm import MiniCPMForCausalLM
 from model.tokenizer import load_tokenizer
 from model.train import TrainConfig, pick_device, train
-from pipelines.versioning import atomic_write_text, canonical_json
 from verification.config import BASELINE, Candidate, Resources, VerificationConfig
 from verification.evaluate import Evaluator
-from verification.stage1 import Stage1Checkpoint, source_fingerprint, use_assigned_cpus
+from verification.stage1 import Stage1Checkpoint, source_fingerprint
 
 METRICS_NAME = "metrics.json"
 # The trainer's own periodic eval on the mix is not what verification scores; keep it to a token amount.
@@ -75,6 +76,7 @@ class AnnealRun:
             "anneal": config.anneal.model_dump(exclude={"seeds", "resources"}),
             "evaluation": config.evaluation.model_dump(),
             "seed": self.seed,
+            "code": code_version("model", "verification.anneal", "verification.evaluate"),
         }
         key = hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
         return Path(config.work_dir).resolve() / "anneal" / f"{self.name}-seed{self.seed}-{key}"
@@ -171,8 +173,3 @@ def run_anneal(run: AnnealRun, config: VerificationConfig, stage1: Stage1Checkpo
     }
     atomic_write_text(metrics_path, json.dumps(record, indent=1))
     return record
-
-
-def run_anneal_task(run: AnnealRun, config: VerificationConfig, stage1: Stage1Checkpoint) -> dict:
-    use_assigned_cpus()
-    return run_anneal(run, config, stage1)

@@ -9,17 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveInt,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from core.config import Strict, load_config, parse_config
 from model.minicpm import MiniCPMConfig
 from model.schedule import DECAY_SHAPES
 
@@ -28,24 +20,20 @@ MEAN_REFERENCE_LOSS = "reference_loss"
 MMLU_ACCURACY = "mmlu_accuracy"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Resources(_Strict):
+class Resources(Strict):
     """What one Ray task (a stage-1 run, or one anneal plus its evaluation) asks the cluster for."""
 
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
 
 
-class MixSource(_Strict):
+class MixSource(Strict):
     path: str = Field(description="a dataset version or root, Parquet file or glob, or a plain-text file")
     ratio: float = Field(1.0, gt=0)
     text_column: str = "content"
 
 
-class Candidate(_Strict):
+class Candidate(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     path: str
     text_column: str = "content"
@@ -59,7 +47,7 @@ class Candidate(_Strict):
         return name
 
 
-class ProxyConfig(_Strict):
+class ProxyConfig(Strict):
     """The proxy model and the data shape shared by both stages (changing any of it retrains stage 1)."""
 
     model: dict[str, Any] = Field(description="MiniCPMConfig fields; vocab_size defaults to the tokenizer's")
@@ -79,7 +67,7 @@ class ProxyConfig(_Strict):
         return model
 
 
-class Stage1Config(_Strict):
+class Stage1Config(Strict):
     warmup_steps: int = Field(ge=0)
     stable_steps: PositiveInt
     seed: int = 0
@@ -94,7 +82,7 @@ class Stage1Config(_Strict):
     resources: Resources = Field(default_factory=Resources)
 
 
-class AnnealConfig(_Strict):
+class AnnealConfig(Strict):
     decay_steps: PositiveInt
     decay_shape: Literal[DECAY_SHAPES] = "exp"  # type: ignore[valid-type]
     min_lr_ratio: float = Field(0.1, gt=0, le=1)
@@ -112,7 +100,7 @@ class AnnealConfig(_Strict):
         return seeds
 
 
-class ReferenceSet(_Strict):
+class ReferenceSet(Strict):
     """Held-out text whose loss after the anneal is the main signal (ModelTunnel v2's smooth indicator)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -121,13 +109,13 @@ class ReferenceSet(_Strict):
     max_sequences: PositiveInt = Field(32, description="the first N windows of seq_len tokens are scored")
 
 
-class MMLUConfig(_Strict):
+class MMLUConfig(Strict):
     path: str = Field(description="a directory of MMLU CSVs (question, A, B, C, D, answer), searched recursively")
     max_items: PositiveInt | None = Field(None, description="the first N items in sorted file order")
     length_normalized: bool = Field(True, description="mean log-prob per choice token instead of the sum")
 
 
-class EvaluationConfig(_Strict):
+class EvaluationConfig(Strict):
     reference_sets: list[ReferenceSet] = Field(min_length=1)
     mmlu: MMLUConfig | None = None
     batch_size: PositiveInt = 16
@@ -141,7 +129,7 @@ class EvaluationConfig(_Strict):
         return sets
 
 
-class DecisionConfig(_Strict):
+class DecisionConfig(Strict):
     """keep: every seed improves the metric by more than min_effect, and the mean improvement exceeds
     spread_multiple standard deviations of the per-seed deltas. reject: the same with "worsens". Else inconclusive.
     """
@@ -155,7 +143,7 @@ class DecisionConfig(_Strict):
     spread_multiple: float = Field(2.0, ge=0)
 
 
-class VerificationConfig(_Strict):
+class VerificationConfig(Strict):
     work_dir: str = Field("verification-work", description="stage-1 cache, anneal runs and reports")
     base_mix: list[MixSource] = Field(min_length=1)
     candidates: list[Candidate] = Field(default_factory=list)
@@ -201,30 +189,11 @@ class VerificationConfig(_Strict):
         return VerificationConfig.model_validate(data)
 
 
-class VerificationConfigError(ValueError):
-    """A verification config that cannot run; the message names the source, the key path and the problem."""
-
-
 def parse_verification_config(data: object, source: str = "<config>") -> VerificationConfig:
-    if not isinstance(data, dict):
-        raise VerificationConfigError(f"invalid verification config {source}: expected a mapping")
-    try:
-        return VerificationConfig.model_validate(data)
-    except ValidationError as error:
-        lines = [f"invalid verification config {source}:"]
-        for problem in error.errors():
-            where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-            lines.append(f"  - {where}: {problem['msg']}")
-        raise VerificationConfigError("\n".join(lines)) from None
+    return parse_config(VerificationConfig, data, source)
 
 
 def load_verification_config(path: str | Path) -> VerificationConfig:
     """Read, validate and resolve a YAML config; relative data paths are relative to the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise VerificationConfigError(f"verification config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise VerificationConfigError(f"invalid verification config {path}: not valid YAML: {error}") from None
-    return parse_verification_config(data, str(path)).resolve_paths(path.resolve().parent)
+    config, base_dir = load_config(VerificationConfig, path)
+    return config.resolve_paths(base_dir)

@@ -22,8 +22,8 @@ from tokenizers import Tokenizer
 
 from model.data import TEXT_SUFFIXES, DataSource
 from model.minicpm import MiniCPMForCausalLM
-from model.tokenizer import eos_id, load_tokenizer
-from model.train import autocast_context, pick_device
+from model.tokenizer import eos_id
+from model.train import autocast_context
 from verification.config import MEAN_REFERENCE_LOSS, MMLU_ACCURACY, EvaluationConfig, MMLUConfig, ReferenceSet
 
 CHOICE_LETTERS = "ABCD"
@@ -210,14 +210,3 @@ class Evaluator:
             )
         model.train(was_training)
         return metrics
-
-
-def evaluate_checkpoint(
-    checkpoint_dir: str | Path, config: EvaluationConfig, *, seq_len: int, device: str = "auto",
-    precision: str = "auto",
-) -> dict[str, float]:
-    """Load a checkpoint directory (model + tokenizer.json) and score it."""
-    torch_device = pick_device(device)
-    model = MiniCPMForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32, device=torch_device)
-    evaluator = Evaluator(config, load_tokenizer(checkpoint_dir), seq_len)
-    return evaluator.evaluate(model, device=torch_device, precision=precision)

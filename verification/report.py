@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.versioning import atomic_write_text, save_figure
+from core.figures import save_figure
+from core.io import atomic_write_text
 from verification.config import BASELINE
 from verification.decide import Decision, improvement
 

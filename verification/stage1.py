@@ -8,23 +8,23 @@ gets a new key and a new run, never the old checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
+from core.code_version import code_version
+from core.io import atomic_path, atomic_write_text, canonical_json, sha256_file
+from core.versions import DatasetVersion
 from model.data import DataSource
 from model.train import TrainConfig, train
-from pipelines.versioning import DatasetVersion, atomic_write_text, canonical_json, sha256_file
-from verification.config import Resources, VerificationConfig
+from verification.config import VerificationConfig
 
 STAGE1_RECORD = "stage1.json"
 SPLIT_NAMES = ("stage1", "anneal")
@@ -51,16 +51,6 @@ def source_fingerprint(path: str, text_column: str = "content") -> dict:
     return {"sha256": [sha256_file(f) for f in files], "text_column": text_column}
 
 
-def model_code_version() -> str:
-    """A hash of the model package: a checkpoint trained by other model code is not reused."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1] / "model"
-    for source in sorted(package.glob("*.py")):
-        digest.update(source.name.encode())
-        digest.update(source.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def stage1_identity(config: VerificationConfig) -> dict:
     return {
         "base_mix": [
@@ -68,7 +58,7 @@ def stage1_identity(config: VerificationConfig) -> dict:
         ],
         "proxy": config.proxy.model_dump(),
         "stage1": config.stage1.model_dump(exclude={"resources", "checkpoint"}),
-        "model_code": model_code_version(),
+        "model_code": code_version("model"),
     }
 
 
@@ -83,32 +73,27 @@ def split_base_source(path: str, text_column: str, reserve: float, out_dir: Path
     parts = {name: out_dir / f"{name}.parquet" for name in SPLIT_NAMES}
     if all(p.is_file() for p in parts.values()):
         return {name: str(p) for name, p in parts.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = {name: p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex}") for name, p in parts.items()}
     schema = pa.schema([("content", pa.string())])
-    writers = {name: pq.ParquetWriter(tmp[name], schema) for name in SPLIT_NAMES}
-    buffers: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     counts = dict.fromkeys(SPLIT_NAMES, 0)
-    for i, text in enumerate(DataSource(path, text_column=text_column).documents()):
-        name = "anneal" if math.floor((i + 1) * reserve) > math.floor(i * reserve) else "stage1"
-        buffers[name].append(text)
-        counts[name] += 1
-        if len(buffers[name]) == 4096:
-            writers[name].write_table(pa.table({"content": buffers[name]}, schema=schema))
-            buffers[name] = []
-    for name, writer in writers.items():
-        if buffers[name]:
-            writer.write_table(pa.table({"content": buffers[name]}, schema=schema))
-        writer.close()
-    if min(counts.values()) == 0:
-        for file in tmp.values():
-            file.unlink()
-        raise ValueError(
-            f"base source {path} has too few documents ({sum(counts.values())}) to hold out "
-            f"{reserve:.0%} of them for the anneals"
-        )
-    for name in SPLIT_NAMES:
-        os.replace(tmp[name], parts[name])
+    with contextlib.ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_path(parts[name])) for name in SPLIT_NAMES}
+        writers = {name: stack.enter_context(pq.ParquetWriter(tmp[name], schema)) for name in SPLIT_NAMES}
+        buffers: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+        for i, text in enumerate(DataSource(path, text_column=text_column).documents()):
+            name = "anneal" if math.floor((i + 1) * reserve) > math.floor(i * reserve) else "stage1"
+            buffers[name].append(text)
+            counts[name] += 1
+            if len(buffers[name]) == 4096:
+                writers[name].write_table(pa.table({"content": buffers[name]}, schema=schema))
+                buffers[name] = []
+        for name, writer in writers.items():
+            if buffers[name]:
+                writer.write_table(pa.table({"content": buffers[name]}, schema=schema))
+        if min(counts.values()) == 0:
+            raise ValueError(
+                f"base source {path} has too few documents ({sum(counts.values())}) to hold out "
+                f"{reserve:.0%} of them for the anneals"
+            )
     return {name: str(p) for name, p in parts.items()}
 
 
@@ -161,16 +146,8 @@ def stage1_train_config(config: VerificationConfig, splits: list[dict], out_dir:
     )
 
 
-def use_assigned_cpus() -> None:
-    """Torch intra-op threads = the CPUs Ray gave this task, so parallel tasks do not oversubscribe cores."""
-    import torch
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))
-
-
-def _train_stage1_task(train_config: TrainConfig) -> dict:
-    use_assigned_cpus()
+def train_stage1(train_config: TrainConfig) -> dict:
+    """Train the warmup + stable phase; what ``Stage1Plan.finish`` records about the run."""
     started = time.perf_counter()
     result = train(train_config)
     return {
@@ -180,10 +157,6 @@ def _train_stage1_task(train_config: TrainConfig) -> dict:
         "final_eval_loss": result.final_eval_loss,
         "seconds": time.perf_counter() - started,
     }
-
-
-def remote_options(resources: Resources) -> dict:
-    return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_retries": 1}
 
 
 def open_stage1(directory: str | Path, identity: dict) -> Stage1Checkpoint:
@@ -214,30 +187,45 @@ def open_stage1(directory: str | Path, identity: dict) -> Stage1Checkpoint:
     )
 
 
-def ensure_stage1(config: VerificationConfig) -> Stage1Checkpoint:
-    """The stage-1 checkpoint for this base mix and config: reused when finished, else trained (one Ray task)."""
+def find_stage1(config: VerificationConfig) -> Stage1Checkpoint | None:
+    """The finished stage-1 checkpoint for this base mix and config (``stage1.checkpoint`` or the cached one), or
+    None when it still has to be trained."""
     identity = stage1_identity(config)
     if config.stage1.checkpoint is not None:
         return open_stage1(config.stage1.checkpoint, identity)
+    directory = (Path(config.work_dir) / "stage1" / identity_key(identity)).resolve()
+    return open_stage1(directory, identity) if (directory / STAGE1_RECORD).is_file() else None
+
+
+@dataclass(frozen=True)
+class Stage1Plan:
+    """A stage-1 run to train: its base-mix splits are written; ``train_config`` goes to ``train_stage1`` (run where
+    the job schedules it) and ``finish`` records the outcome."""
+
+    key: str
+    identity: dict
+    directory: Path
+    splits: list[dict]
+    train_config: TrainConfig
+
+    def finish(self, outcome: dict) -> Stage1Checkpoint:
+        """Write ``stage1.json`` last: its presence is what marks the checkpoint finished."""
+        outcome = dict(outcome)
+        record = {
+            "key": self.key,
+            "identity": self.identity,
+            "base_splits": self.splits,
+            "checkpoint": str(Path(outcome.pop("checkpoint")).relative_to(self.directory)),
+            **outcome,
+        }
+        atomic_write_text(self.directory / STAGE1_RECORD, json.dumps(record, indent=2))
+        return Stage1Checkpoint(key=self.key, directory=self.directory,
+                                checkpoint_dir=self.directory / record["checkpoint"], record=record, trained=True)
+
+
+def plan_stage1(config: VerificationConfig) -> Stage1Plan:
+    identity = stage1_identity(config)
     key = identity_key(identity)
     directory = (Path(config.work_dir) / "stage1" / key).resolve()
-    if (directory / STAGE1_RECORD).is_file():
-        return open_stage1(directory, identity)
     splits = split_base_mix(config, identity)
-    task = ray.remote(_train_stage1_task).options(**remote_options(config.stage1.resources))
-    outcome = ray.get(task.remote(stage1_train_config(config, splits, directory)))
-    record = {
-        "key": key,
-        "identity": identity,
-        "base_splits": splits,
-        "checkpoint": str(Path(outcome.pop("checkpoint")).relative_to(directory)),
-        **outcome,
-    }
-    atomic_write_text(directory / STAGE1_RECORD, json.dumps(record, indent=2))
-    return Stage1Checkpoint(
-        key=key,
-        directory=directory,
-        checkpoint_dir=directory / record["checkpoint"],
-        record=record,
-        trained=True,
-    )
+    return Stage1Plan(key, identity, directory, splits, stage1_train_config(config, splits, directory))

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from pipelines.versioning import atomic_write_bytes, resolve_parquet_files
+from core.io import atomic_write_bytes
+from core.versions import resolve_parquet_files
 
 FREQUENCIES_FILE = "frspec_token_counts.safetensors"
 

@@ -1,10 +1,10 @@
-"""``python -m verification.run CONFIG``: verify candidate pools by two-stage annealing of the proxy.
+"""``python -m pipelines.verify CONFIG``: verify candidate pools by two-stage annealing of the proxy.
 
 Stage 1 (warmup + stable on the base mix) is trained once and reused; then every (candidate or baseline, seed)
 anneal runs as its own Ray task with the resources it asks for, each evaluated on the reference sets and MMLU;
 the decision rule turns the per-seed deltas into keep / reject / inconclusive, and a report is written.
 
-    python -m verification.run configs/verify-tiny.yaml [--work-dir DIR]
+    python -m pipelines.verify configs/verify-tiny.yaml [--work-dir DIR]
 """
 
 from __future__ import annotations
@@ -18,19 +18,55 @@ from pathlib import Path
 
 import ray
 
-from pipelines.runtime import ensure_ray, gather
-from pipelines.versioning import canonical_json
-from verification.anneal import AnnealRun, check_candidate_size, run_anneal_task
-from verification.config import (
-    BASELINE,
-    Candidate,
-    VerificationConfig,
-    VerificationConfigError,
-    load_verification_config,
-)
+from core.config import ConfigError
+from core.io import canonical_json
+from core.runtime import ensure_ray, gather
+from model.train import TrainConfig
+from verification.anneal import AnnealRun, check_candidate_size, run_anneal
+from verification.config import BASELINE, Candidate, Resources, VerificationConfig, load_verification_config
 from verification.decide import KEEP, Decision, decide
 from verification.report import write_report
-from verification.stage1 import Stage1Checkpoint, Stage1Mismatch, ensure_stage1, remote_options
+from verification.stage1 import (
+    Stage1Checkpoint,
+    Stage1Mismatch,
+    find_stage1,
+    plan_stage1,
+    train_stage1,
+)
+
+
+def use_assigned_cpus() -> None:
+    """Torch intra-op threads = the CPUs Ray gave this task, so parallel tasks do not oversubscribe cores."""
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+@ray.remote
+def stage1_task(train_config: TrainConfig) -> dict:
+    use_assigned_cpus()
+    return train_stage1(train_config)
+
+
+@ray.remote
+def anneal_task(run: AnnealRun, config: VerificationConfig, stage1: Stage1Checkpoint) -> dict:
+    use_assigned_cpus()
+    return run_anneal(run, config, stage1)
+
+
+def task_options(resources: Resources) -> dict:
+    return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_retries": 1}
+
+
+def ensure_stage1(config: VerificationConfig) -> Stage1Checkpoint:
+    """The stage-1 checkpoint for this base mix and config: reused when finished, else trained in one Ray task."""
+    stage1 = find_stage1(config)
+    if stage1 is None:
+        plan = plan_stage1(config)
+        stage1 = plan.finish(ray.get(stage1_task.options(**task_options(config.stage1.resources)).remote(
+            plan.train_config)))
+    return stage1
 
 
 @dataclass(frozen=True)
@@ -58,12 +94,8 @@ def verify(config: VerificationConfig, candidates: list[Candidate] | None = None
         check_candidate_size(config, candidate, stage1)
     runs = [AnnealRun.baseline(config, seed) for seed in config.anneal.seeds]
     runs += [AnnealRun.for_candidate(config, c, seed) for c in candidates for seed in config.anneal.seeds]
-    task = ray.remote(run_anneal_task)
-    refs = [task.options(**remote_options(run.resources)).remote(run, config, stage1) for run in runs]
-    records = gather(refs, "anneal")
-    failures = [f"{run.name} seed {run.seed}: {r}" for run, r in zip(runs, records) if isinstance(r, Exception)]
-    if failures:
-        raise RuntimeError("anneal runs failed:\n" + "\n".join(failures))
+    refs = [anneal_task.options(**task_options(run.resources)).remote(run, config, stage1) for run in runs]
+    records = gather(refs, "anneal", labels=[f"{run.name} seed {run.seed}" for run in runs])
     baseline = {r["seed"]: r["metrics"] for r in records if r["name"] == BASELINE}
     decisions = {
         c.name: decide(
@@ -99,7 +131,7 @@ def format_decisions(result: VerificationResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m verification.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.verify", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="verification YAML (see configs/verify-tiny.yaml)")
     parser.add_argument("--work-dir", help="override work_dir")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -108,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work_dir:
             config = config.model_copy(update={"work_dir": args.work_dir})
         result = verify(config)
-    except (VerificationConfigError, FileNotFoundError, Stage1Mismatch, ValueError) as error:
+    except (ConfigError, FileNotFoundError, Stage1Mismatch, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_decisions(result))

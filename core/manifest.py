@@ -1,0 +1,189 @@
+"""The one manifest builder and dataset card of every dataset version (ingest, score, select, UltraChat).
+
+The manifest lists each shard (rows, bytes, sha256, characters, tokens), the inputs, the config as it shapes the
+content, and the stage table: per stage, records in and out, dropped with their reasons, quarantined. The builder
+counts the kept rows from the shards themselves and refuses a manifest whose accounting does not add up
+(``records_in == kept + dropped + quarantined``), so a version can never hide a lost record.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from core.accounting import Accounting
+from core.io import atomic_write_text, canonical_json, sha256_file
+from core.versions import (
+    CARD_NAME,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    SHARD_DIR,
+    compute_version_id,
+    new_staging,
+    publish,
+)
+
+
+class AccountingMismatch(RuntimeError):
+    """The shards written and the accounting of the input records disagree: a record was lost or counted twice."""
+
+
+def count_tokens(texts: list[str], tokenizer_path: str | None) -> int | None:
+    """Tokens over texts with a ``tokenizer.json`` (no special tokens), None without a tokenizer."""
+    if not tokenizer_path:
+        return None
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_file(str(tokenizer_path))
+    return sum(len(e.ids) for e in encoder.encode_batch(texts, add_special_tokens=False)) if texts else 0
+
+
+def describe_shard(path: Path, tokenizer: str | None = None, text_column: str = "content") -> dict:
+    """A shard's manifest entry: its path inside the version, rows, bytes, sha256, characters, tokens (if counted)."""
+    column = pq.read_table(path, columns=[text_column])[text_column]
+    return {
+        "path": f"{SHARD_DIR}/{Path(path).name}",
+        "rows": len(column),
+        "bytes": Path(path).stat().st_size,
+        "sha256": sha256_file(path),
+        "characters": pc.sum(pc.utf8_length(column)).as_py() or 0,  # code points, as len(str); nulls count 0
+        "tokens": count_tokens([c or "" for c in column.to_pylist()], tokenizer),
+    }
+
+
+def shard_totals(shards: list[dict]) -> dict:
+    tokens = [s["tokens"] for s in shards]
+    return {
+        "rows": sum(s["rows"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "characters": sum(s["characters"] for s in shards),
+        "tokens": sum(tokens) if tokens and all(t is not None for t in tokens) else None,
+    }
+
+
+def stage_table(accounting: Accounting, order: list[str]) -> list[dict]:
+    """Per stage, in pipeline order: records in, out, dropped (with reasons) and quarantined."""
+    unknown = sorted((set(accounting.dropped) | {e.stage for e in accounting.quarantined}) - set(order))
+    if unknown:
+        raise AccountingMismatch(f"records were dropped or quarantined by stages {unknown} outside {order}")
+    rows, remaining = [], accounting.records_in
+    for stage in order:
+        dropped = dict(sorted(accounting.dropped.get(stage, {}).items()))
+        quarantined = sum(e.records for e in accounting.quarantined if e.stage == stage)
+        out = remaining - sum(dropped.values()) - quarantined
+        rows.append({"stage": stage, "in": remaining, "out": out, "dropped": dropped, "quarantined": quarantined})
+        remaining = out
+    return rows
+
+
+def build_manifest(
+    *, version_id: str, name: str, kind: str, parent: str | None, code_version: str, inputs: list[dict],
+    config: dict, schema: pa.Schema, shards: list[dict], accounting: Accounting, stage_order: list[str],
+    extra: dict | None = None,
+) -> dict:
+    """A version's manifest; raises ``AccountingMismatch`` unless every input record is kept, dropped or quarantined."""
+    stages = stage_table(accounting, stage_order)
+    kept = sum(s["rows"] for s in shards)
+    dropped = sum(sum(s["dropped"].values()) for s in stages)
+    quarantined = accounting.quarantined_records
+    if accounting.records_in != kept + dropped + quarantined:
+        raise AccountingMismatch(f"accounting does not add up: {accounting.records_in} in != {kept} kept + "
+                                 f"{dropped} dropped + {quarantined} quarantined")
+    return {
+        "format": MANIFEST_FORMAT,
+        "kind": kind,
+        "version_id": version_id,
+        "name": name,
+        "parent": parent,
+        "code_version": code_version,
+        "inputs": inputs,
+        "config": config,
+        "schema": {f.name: str(f.type) for f in schema},
+        "shards": shards,
+        "totals": shard_totals(shards),
+        "accounting": {"records_in": accounting.records_in, "kept": kept, "dropped": dropped,
+                       "quarantined": quarantined, "quarantine_entries": len(accounting.quarantined)},
+        "stages": stages,
+        **(extra or {}),
+    }
+
+
+PARQUET_LOADING = """```python
+import datasets, polars, pyarrow.dataset
+files = [f"<this directory>/{s['path']}" for s in manifest["shards"]]
+datasets.load_dataset("parquet", data_files=files, split="train")
+polars.read_parquet(files)
+pyarrow.dataset.dataset(files).to_table()
+```"""
+
+
+def dataset_card(manifest: dict, *, description: str, rows_label: str = "documents",
+                 inputs_label: str = "input records", loading: str = PARQUET_LOADING,
+                 sections: tuple[str, ...] = ()) -> str:
+    """The ``README.md`` of a version: what it is, its size, its columns, where every input record went, how to load
+    it; ``sections`` are markdown blocks of the dataset kind's own (inserted before the loading recipe)."""
+    totals, accounting = manifest["totals"], manifest["accounting"]
+    stage_lines = "\n".join(
+        f"| {s['stage']} | {s['in']} | {s['out']} | {sum(s['dropped'].values())} | {s['quarantined']} | "
+        f"{', '.join(f'{k}: {v}' for k, v in s['dropped'].items()) or '-'} |"
+        for s in manifest["stages"]
+    )
+    columns = "\n".join(f"- `{name}`: {dtype}" for name, dtype in manifest["schema"].items())
+    extra = "".join(f"{section.strip()}\n\n" for section in sections)
+    return f"""# {manifest['name']} — dataset version `{manifest['version_id']}`
+
+{description.strip()}
+Produced by `ultraclean-factory {manifest['code_version']}`; parent version: {manifest['parent'] or 'none'}.
+
+| | |
+|---|---|
+| {rows_label} | {totals['rows']} |
+| shards | {len(manifest['shards'])} |
+| characters | {totals['characters']} |
+| tokens | {totals['tokens'] if totals['tokens'] is not None else 'not counted'} |
+| {inputs_label} | {accounting['records_in']} (kept {accounting['kept']}, dropped {accounting['dropped']}, quarantined {accounting['quarantined']}) |
+
+## Columns
+{columns}
+
+## Where every input record went
+| stage | in | out | dropped | quarantined | reasons |
+|---|---|---|---|---|---|
+{stage_lines}
+
+Quarantined inputs and their errors: `quarantine.jsonl` (when any). Checksums: `manifest.json`
+(`python -m pipelines.ultraclean verify <this directory>`).
+
+{extra}## Loading
+{loading}
+"""
+
+
+def publish_table(table: pa.Table, root: Path, *, name: str, rows_per_shard: int = 100_000,
+                  text_column: str = "content") -> Path:
+    """Publish an in-memory table (documents from elsewhere) as a dataset version of its own, ids from its bytes."""
+    staging = new_staging(Path(root), name)
+    try:
+        paths = []
+        for number, start in enumerate(range(0, max(len(table), 1), rows_per_shard)):
+            paths.append(staging / SHARD_DIR / f"shard-{number:05d}.parquet")
+            paths[-1].parent.mkdir(exist_ok=True)
+            pq.write_table(table.slice(start, rows_per_shard), paths[-1], compression="zstd", store_schema=False)
+        shards = [describe_shard(p, text_column=text_column) for p in paths]
+        inputs = [{"shard_sha256": [s["sha256"] for s in shards]}]
+        version_id = compute_version_id(inputs=inputs, config={"name": name}, code="publish_table", parent=None)
+        manifest = build_manifest(
+            version_id=version_id, name=name, kind="imported-table", parent=None, code_version="publish_table",
+            inputs=inputs, config={"name": name}, schema=table.schema, shards=shards,
+            accounting=Accounting(records_in=len(table)), stage_order=["import"],
+        )
+        atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
+        atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=f"`{name}`, imported as a table."))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return publish(staging, Path(root), version_id)

@@ -1,0 +1,53 @@
+"""Ray for the jobs: join the configured cluster or start one in-process; gather task results with progress.
+
+Only jobs (``pipelines/``) import this module: stages and the other middle-floor packages never know the executor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the configured (or ``RAY_ADDRESS``, as under ``ray job submit``) cluster, else start one in-process."""
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    else:
+        ray.init(address=address, logging_level="WARNING")
+
+
+class TasksFailed(RuntimeError):
+    """Ray tasks that failed for good (after their retries); the message names each one."""
+
+
+def gather(refs: list[ray.ObjectRef], desc: str, *, labels: list[str] | None = None,
+           raise_on_error: bool = True) -> list[Any]:
+    """Task results in submission order, with a progress bar.
+
+    A task that failed for good raises ``TasksFailed`` naming every failed task (by its label), after all tasks
+    have finished; with ``raise_on_error=False`` its exception is returned in its place instead.
+    """
+    bar = tqdm(total=len(refs), desc=desc, unit="task", disable=not refs)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        bar.update(len(done))
+    bar.close()
+    results: list[Any] = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayError as error:
+            results.append(error)
+    failed = [(i, r) for i, r in enumerate(results) if isinstance(r, ray.exceptions.RayError)]
+    if failed and raise_on_error:
+        names = labels or [f"task {i}" for i in range(len(refs))]
+        details = "\n".join(f"  {names[i]}: {type(e).__name__}: {str(e)[:2000]}" for i, e in failed)
+        raise TasksFailed(f"{desc}: {len(failed)} of {len(refs)} task(s) failed:\n{details}")
+    return results

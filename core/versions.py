@@ -1,0 +1,144 @@
+"""Immutable, content-addressed dataset versions and the ``latest`` pointer of every artefact root.
+
+A version is a directory ``<root>/<version_id>/`` holding Parquet shards under ``data/``, a ``manifest.json``
+(``core.manifest``) and a dataset card ``README.md``. It is assembled in a staging directory under
+``<root>/.work/`` and renamed into place whole, so a reader never sees half a version; ``<root>/latest`` then names
+it. The id hashes everything the content depends on (inputs, the config as it shapes content, the code, the
+parent), so the same inputs and config give the same id, and a finished version is reused instead of rebuilt.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.io import atomic_write_text, canonical_json, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+CARD_NAME = "README.md"
+LATEST_NAME = "latest"
+SHARD_DIR = "data"
+WORK_DIR = ".work"
+MANIFEST_FORMAT = "ultraclean-dataset/1"
+VERSION_ID = re.compile(r"v-[0-9a-f]{16}")
+
+
+def compute_version_id(*, inputs: list[dict], config: dict, code: str, parent: str | None) -> str:
+    payload = canonical_json({"inputs": inputs, "config": config, "code": code, "parent": parent})
+    return "v-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Make ``<root>/latest`` name the entry ``name`` of ``root`` (written atomically)."""
+    atomic_write_text(Path(root) / LATEST_NAME, name + "\n")
+
+
+def resolve_latest(root: Path, pattern: re.Pattern) -> Path | None:
+    """The entry ``<root>/latest`` names, or None without a pointer. A name not of our form is refused, so a
+    tampered pointer cannot lead outside the root."""
+    pointer = Path(root) / LATEST_NAME
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not pattern.fullmatch(name):
+        raise ValueError(f"{pointer} holds {name[:80]!r}, which is not an entry name of this root")
+    return Path(root) / name
+
+
+def open_entry(path: str | Path, marker: str, pattern: re.Pattern, expected_format: str, what: str,
+               error: type[Exception] = FileNotFoundError) -> tuple[Path, dict]:
+    """An artefact directory and its JSON ``marker`` file (``manifest.json``, ``metadata.json``): ``path`` itself
+    when it holds one, else the entry its ``latest`` pointer names. Raises ``error`` naming what is missing."""
+    path = Path(path)
+    if not (path / marker).is_file():
+        path = resolve_latest(path, pattern) or path
+    marker_path = path / marker
+    if not marker_path.is_file():
+        raise error(f"{path} is not {what}: no {marker} (and no '{LATEST_NAME}' pointer to one)")
+    data = json.loads(marker_path.read_text())
+    if data.get("format") != expected_format:
+        raise error(f"{marker_path}: unknown format {data.get('format')!r} (expected {expected_format!r})")
+    return path, data
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> DatasetVersion:
+        """Open a version directory, or the version that a dataset root's ``latest`` pointer names."""
+        return cls(*open_entry(path, MANIFEST_NAME, VERSION_ID, MANIFEST_FORMAT, "a dataset version"))
+
+    @property
+    def version_id(self) -> str:
+        return self.manifest["version_id"]
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.path / shard["path"] for shard in self.manifest["shards"]]
+
+
+def published_manifest(root: Path, version_id: str) -> dict | None:
+    """The manifest of ``<root>/<version_id>`` if that version is finished (a re-run then does nothing)."""
+    manifest = Path(root) / version_id / MANIFEST_NAME
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def new_staging(root: Path, name: str) -> Path:
+    """A fresh, uniquely named staging directory for ``name`` under ``<root>/.work/``."""
+    staging = Path(root) / WORK_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, root: Path, name: str) -> Path:
+    """Move a fully written staging directory into place as ``<root>/<name>`` and point ``latest`` at it.
+
+    Entries are immutable: when ``name`` exists already (a concurrent run finished first), the staging copy is
+    discarded and the existing one kept, which holds the same content by construction of the name.
+    """
+    final = Path(root) / name
+    if final.exists():
+        shutil.rmtree(staging)
+    else:
+        staging.replace(final)
+    point_latest(root, name)
+    return final
+
+
+def resolve_parquet_files(source: str | Path) -> list[Path]:
+    """Parquet files of a version directory, a dataset root (via ``latest``), a single file or a glob, in order."""
+    source_path = Path(source)
+    if source_path.is_dir():
+        return DatasetVersion.open(source_path).shard_paths
+    if source_path.is_file():
+        return [source_path]
+    matches = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if p.endswith(".parquet"))
+    if not matches:
+        raise FileNotFoundError(f"no Parquet data at {source}: not a dataset version, a Parquet file or a glob that matches")
+    return matches
+
+
+def verify_version(path: str | Path) -> list[str]:
+    """Re-check every shard's size and sha256 against the manifest; returns the problems found (empty: intact)."""
+    version = DatasetVersion.open(path)
+    problems = []
+    for shard in version.manifest["shards"]:
+        files = [shard] + ([shard["jsonl"]] if "jsonl" in shard else [])
+        for entry in files:
+            file = version.path / entry["path"]
+            if not file.is_file():
+                problems.append(f"{entry['path']}: missing")
+            elif file.stat().st_size != entry["bytes"]:
+                problems.append(f"{entry['path']}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
+            elif sha256_file(file) != entry["sha256"]:
+                problems.append(f"{entry['path']}: sha256 differs from the manifest")
+    return problems

@@ -1,0 +1,87 @@
+"""Versions derived from one parent version by one step (score, select): their id, reuse, manifest and card.
+
+A derived version's id hashes its parent, the step's settings and the step's code; its manifest accounts for every
+parent row (kept, or dropped with a reason) in the same format as an ingested version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from core.accounting import Accounting
+from core.code_version import code_version
+from core.io import atomic_write_text, canonical_json
+from core.manifest import build_manifest, dataset_card
+from core.versions import (
+    CARD_NAME,
+    MANIFEST_NAME,
+    SHARD_DIR,
+    DatasetVersion,
+    compute_version_id,
+    new_staging,
+    publish,
+    published_manifest,
+)
+from pipelines.config import UltraCleanConfig
+from pipelines.ingest import CARD_DESCRIPTION
+
+
+@dataclass
+class StepResult:
+    version_path: Path
+    manifest: dict
+    reused: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DerivedVersion:
+    """Where a step's version from ``parent`` goes, and its manifest if it is published already."""
+
+    step: str
+    step_config: dict
+    code: tuple[str, ...]
+    parent: DatasetVersion
+    root: Path
+    version_id: str
+    existing: dict | None
+
+    @classmethod
+    def plan(cls, config: UltraCleanConfig, parent: DatasetVersion, step: str, step_config: dict,
+             code: tuple[str, ...], output_root: Path | None) -> DerivedVersion:
+        root = Path(output_root or config.output.root).resolve()
+        version_id = compute_version_id(inputs=[{"version_id": parent.version_id}], config={step: step_config},
+                                        code=code_version(*code), parent=parent.version_id)
+        return cls(step, step_config, code, parent, root, version_id, published_manifest(root, version_id))
+
+    def reused(self, started: float) -> StepResult | None:
+        """The published version, when this step already ran on this parent with these settings."""
+        if self.existing is None:
+            return None
+        return StepResult(self.root / self.version_id, self.existing, reused=True,
+                          seconds=time.perf_counter() - started)
+
+    def new_staging(self) -> Path:
+        staging = new_staging(self.root, self.version_id)
+        (staging / SHARD_DIR).mkdir()
+        return staging
+
+    def publish(self, staging: Path, config: UltraCleanConfig, schema: pa.Schema, shards: list[dict],
+                dropped: Counter, extra: dict) -> tuple[Path, dict]:
+        """Write the manifest (failing unless every parent row is accounted for) and the card; publish."""
+        records_in = self.parent.manifest["totals"]["rows"]
+        accounting = Accounting(records_in=records_in, dropped={self.step: Counter(dropped)})
+        manifest = build_manifest(
+            version_id=self.version_id, name=config.name, kind=f"ultraclean-{self.step}", parent=self.parent.version_id,
+            code_version=code_version(*self.code), inputs=[{"version_id": self.parent.version_id, "rows": records_in}],
+            config={self.step: self.step_config}, schema=schema, shards=shards, accounting=accounting,
+            stage_order=[self.step], extra=extra,
+        )
+        atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
+        atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=CARD_DESCRIPTION))
+        return publish(staging, self.root, self.version_id), manifest
