@@ -20,6 +20,7 @@ from pydantic import Field, PositiveInt
 from core.config import Strict
 
 _MERSENNE_PRIME = np.uint64((1 << 61) - 1)
+_MAX_HASH = np.uint64((1 << 32) - 1)
 _PUNCTUATION = regex.compile(r"[\p{P}\p{S}]+")
 _UNSEGMENTED_SCRIPTS = {"zh", "ja", "ko", "th", "lo", "my", "km", "bo", "wuu", "yue"}
 
@@ -68,7 +69,10 @@ class MinHasher:
 
     def band_keys(self, text: str, language: str) -> list[int]:
         hashes = np.fromiter((xxhash.xxh32_intdigest(s.encode()) for s in self.shingles(text, language)), dtype=np.uint64)
-        permuted = (hashes[:, None] * self.a[None, :] + self.b[None, :]) % _MERSENNE_PRIME
+        # (a x + b) mod p alone is monotone in x for small x, so the shingle with the smallest hash would be the
+        # minimum under every permutation and the rows of a band would agree far more often than Jaccard says;
+        # keeping the low 32 bits breaks that order (as datasketch and datatrove do)
+        permuted = ((hashes[:, None] * self.a[None, :] + self.b[None, :]) % _MERSENNE_PRIME) & _MAX_HASH
         signature = permuted.min(axis=0).reshape(self.config.num_bands, self.config.rows_per_band)
         return [xxhash.xxh64_intdigest(band.tobytes()) for band in signature]
 
