@@ -8,6 +8,7 @@ counts the kept rows from the shards themselves and refuses a manifest whose acc
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -22,10 +23,15 @@ from core.versions import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     SHARD_DIR,
+    VERSION_ID,
     compute_version_id,
+    inside,
     new_staging,
     publish,
+    resolve_latest,
 )
+
+QUARANTINE_NAME = "quarantine.jsonl"
 
 
 class AccountingMismatch(RuntimeError):
@@ -187,3 +193,92 @@ def publish_table(table: pa.Table, root: Path, *, name: str, rows_per_shard: int
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return publish(staging, Path(root), version_id)
+
+
+def verify_version(path: str | Path) -> list[str]:
+    """Everything a version's manifest claims, re-checked; the problems found (empty: intact).
+
+    The id is recomputed from the manifest's inputs, config, code version and parent; the accounting must add up
+    stage by stage and match the shards; the totals must be the shards' sums; exactly the listed files may be there,
+    each with its size and sha256; no listed path may lead outside the version.
+    """
+    path = Path(path)
+    if not (path / MANIFEST_NAME).is_file():
+        path = resolve_latest(path, VERSION_ID) or path
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        return [f"{MANIFEST_NAME}: missing in {path}"]
+    except (ValueError, UnicodeDecodeError) as error:
+        return [f"{MANIFEST_NAME}: not valid JSON ({error})"]
+    missing = sorted({"format", "version_id", "inputs", "config", "code_version", "parent", "shards", "totals",
+                      "accounting", "stages"} - set(manifest)) if isinstance(manifest, dict) else ["(everything)"]
+    if missing:
+        return [f"{MANIFEST_NAME}: missing {', '.join(missing)}"]
+    problems = _identity_problems(path, manifest) + _accounting_problems(manifest) + _file_problems(path, manifest)
+    return problems
+
+
+def _identity_problems(path: Path, manifest: dict) -> list[str]:
+    problems = []
+    if manifest["format"] != MANIFEST_FORMAT:
+        problems.append(f"format {manifest['format']!r} is not {MANIFEST_FORMAT!r}")
+    recomputed = compute_version_id(inputs=manifest["inputs"], config=manifest["config"],
+                                    code=manifest["code_version"], parent=manifest["parent"])
+    if recomputed != manifest["version_id"]:
+        problems.append(f"version_id {manifest['version_id']} does not match its inputs, config and code "
+                        f"(they give {recomputed}): the manifest was edited")
+    if path.name != manifest["version_id"]:
+        problems.append(f"directory {path.name} holds version {manifest['version_id']}")
+    return problems
+
+
+def _accounting_problems(manifest: dict) -> list[str]:
+    problems = []
+    shards, stages, accounting = manifest["shards"], manifest["stages"], manifest["accounting"]
+    try:
+        totals = shard_totals(shards)
+    except (KeyError, TypeError) as error:
+        return [f"shards: malformed entry ({error})"]
+    if totals != manifest["totals"]:
+        problems.append(f"totals {manifest['totals']} are not the shards' sums {totals}")
+    kept, records_in = accounting.get("kept"), accounting.get("records_in")
+    dropped = sum(sum(stage["dropped"].values()) for stage in stages)
+    quarantined = sum(stage["quarantined"] for stage in stages)
+    if kept != totals["rows"]:
+        problems.append(f"accounting says {kept} kept, the shards hold {totals['rows']} rows")
+    if (accounting.get("dropped"), accounting.get("quarantined")) != (dropped, quarantined):
+        problems.append(f"accounting ({accounting.get('dropped')} dropped, {accounting.get('quarantined')} "
+                        f"quarantined) differs from the stage table ({dropped}, {quarantined})")
+    if records_in != totals["rows"] + dropped + quarantined:
+        problems.append(f"accounting does not add up: {records_in} in != {totals['rows']} kept + {dropped} dropped "
+                        f"+ {quarantined} quarantined")
+    remaining = records_in
+    for stage in stages:
+        if stage["in"] != remaining or stage["out"] != stage["in"] - sum(stage["dropped"].values()) - stage["quarantined"]:
+            problems.append(f"stage {stage['stage']}: {stage['in']} in, {stage['out']} out does not follow")
+        remaining = stage["out"]
+    if stages and remaining != totals["rows"]:
+        problems.append(f"the last stage lets {remaining} through, the shards hold {totals['rows']}")
+    return problems
+
+
+def _file_problems(path: Path, manifest: dict) -> list[str]:
+    problems, listed = [], {MANIFEST_NAME, CARD_NAME, QUARANTINE_NAME}
+    entries = [e for shard in manifest["shards"] for e in [shard] + ([shard["jsonl"]] if "jsonl" in shard else [])]
+    for entry in entries:
+        try:
+            file = inside(path, entry["path"])
+        except ValueError as error:
+            problems.append(str(error))
+            continue
+        listed.add(Path(entry["path"]).as_posix())
+        if not file.is_file():
+            problems.append(f"{entry['path']}: missing")
+        elif file.stat().st_size != entry["bytes"]:
+            problems.append(f"{entry['path']}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif sha256_file(file) != entry["sha256"]:
+            problems.append(f"{entry['path']}: sha256 differs from the manifest")
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    problems += [f"{name}: not listed in the manifest" for name in sorted(present - listed)]
+    return problems

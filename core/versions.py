@@ -9,16 +9,21 @@ parent), so the same inputs and config give the same id, and a finished version 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
+import os
 import re
 import shutil
+import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.io import atomic_write_text, canonical_json, sha256_file
+from core.io import atomic_write_text, canonical_json
 
 MANIFEST_NAME = "manifest.json"
 CARD_NAME = "README.md"
@@ -83,13 +88,57 @@ class DatasetVersion:
 
     @property
     def shard_paths(self) -> list[Path]:
-        return [self.path / shard["path"] for shard in self.manifest["shards"]]
+        return [inside(self.path, shard["path"]) for shard in self.manifest["shards"]]
+
+
+def inside(directory: Path, relative: str) -> Path:
+    """``directory / relative``, refused when a path read back from a manifest would lead outside the directory."""
+    path = Path(directory) / relative
+    if Path(relative).is_absolute() or not path.resolve().is_relative_to(Path(directory).resolve()):
+        raise ValueError(f"{relative!r} leads outside {directory}: refused")
+    return path
 
 
 def published_manifest(root: Path, version_id: str) -> dict | None:
-    """The manifest of ``<root>/<version_id>`` if that version is finished (a re-run then does nothing)."""
+    """The manifest of ``<root>/<version_id>`` if that version is finished (a re-run then does nothing).
+
+    A run that crashed between publishing the version and moving ``latest`` left the root without a valid pointer;
+    finding the finished version repairs it.
+    """
     manifest = Path(root) / version_id / MANIFEST_NAME
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+    if not manifest.is_file():
+        return None
+    try:
+        current = resolve_latest(root, VERSION_ID)
+    except ValueError:
+        current = None
+    if current is None or not (current / MANIFEST_NAME).is_file():
+        point_latest(root, version_id)
+    return json.loads(manifest.read_text())
+
+
+@contextlib.contextmanager
+def version_lock(root: Path, name: str) -> Iterator[None]:
+    """Hold ``<root>/.work/<name>.lock`` while the entry ``name`` is written. A second run for the same entry says
+    so and waits; when it gets the lock the entry is usually published, and it reuses it."""
+    lock_path = Path(root) / WORK_DIR / f"{name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            print(f"{name} is being written by another run ({lock.read().strip() or 'unknown process'}); waiting "
+                  f"for it to finish", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def new_staging(root: Path, name: str) -> Path:
@@ -125,20 +174,3 @@ def resolve_parquet_files(source: str | Path) -> list[Path]:
     if not matches:
         raise FileNotFoundError(f"no Parquet data at {source}: not a dataset version, a Parquet file or a glob that matches")
     return matches
-
-
-def verify_version(path: str | Path) -> list[str]:
-    """Re-check every shard's size and sha256 against the manifest; returns the problems found (empty: intact)."""
-    version = DatasetVersion.open(path)
-    problems = []
-    for shard in version.manifest["shards"]:
-        files = [shard] + ([shard["jsonl"]] if "jsonl" in shard else [])
-        for entry in files:
-            file = version.path / entry["path"]
-            if not file.is_file():
-                problems.append(f"{entry['path']}: missing")
-            elif file.stat().st_size != entry["bytes"]:
-                problems.append(f"{entry['path']}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
-            elif sha256_file(file) != entry["sha256"]:
-                problems.append(f"{entry['path']}: sha256 differs from the manifest")
-    return problems

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -356,7 +357,12 @@ def _load_trainer_state(checkpoint: Path) -> dict:
     if not state_path.is_file():
         raise FileNotFoundError(f"no {TRAINER_STATE_NAME} in {checkpoint}")
     # CPU first: the RNG state must stay a CPU tensor; optimizer.load_state_dict moves moments to the params.
-    return torch.load(state_path, map_location="cpu", weights_only=False)
+    # weights_only: the state holds only tensors and plain values, so a crafted file cannot run code when loaded
+    try:
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{state_path} holds more than tensors and plain values; refused, since loading it could "
+                         f"run code ({str(error).splitlines()[0]})") from None
 
 
 def _save_checkpoint(checkpoints: Path, step, model, optimizer, data, log, tokenizer, config, device) -> Path:

@@ -6,8 +6,11 @@ parent row (kept, or dropped with a reason) in the same format as an ingested ve
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from core.versions import (
     new_staging,
     publish,
     published_manifest,
+    version_lock,
 )
 from pipelines.config import UltraCleanConfig
 from pipelines.ingest import CARD_DESCRIPTION
@@ -49,27 +53,41 @@ class DerivedVersion:
     parent: DatasetVersion
     root: Path
     version_id: str
-    existing: dict | None
 
     @classmethod
     def plan(cls, config: UltraCleanConfig, parent: DatasetVersion, step: str, step_config: dict,
              code: tuple[str, ...], output_root: Path | None) -> DerivedVersion:
         root = Path(output_root or config.output.root).resolve()
-        version_id = compute_version_id(inputs=[{"version_id": parent.version_id}], config={step: step_config},
+        version_id = compute_version_id(inputs=cls.inputs_of(parent), config={step: step_config},
                                         code=code_version(*code), parent=parent.version_id)
-        return cls(step, step_config, code, parent, root, version_id, published_manifest(root, version_id))
+        return cls(step, step_config, code, parent, root, version_id)
+
+    @staticmethod
+    def inputs_of(parent: DatasetVersion) -> list[dict]:
+        return [{"version_id": parent.version_id, "rows": parent.manifest["totals"]["rows"]}]
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Path | None]:
+        """Under this version's lock (a concurrent run of the same step waits, then reuses it): None when the version
+        is published already, else a fresh staging directory with ``data/``, removed if the step fails."""
+        with version_lock(self.root, self.version_id):
+            if published_manifest(self.root, self.version_id) is not None:
+                yield None
+                return
+            staging = new_staging(self.root, self.version_id)
+            (staging / SHARD_DIR).mkdir()
+            try:
+                yield staging
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
 
     def reused(self, started: float) -> StepResult | None:
         """The published version, when this step already ran on this parent with these settings."""
-        if self.existing is None:
+        manifest = published_manifest(self.root, self.version_id)
+        if manifest is None:
             return None
-        return StepResult(self.root / self.version_id, self.existing, reused=True,
-                          seconds=time.perf_counter() - started)
-
-    def new_staging(self) -> Path:
-        staging = new_staging(self.root, self.version_id)
-        (staging / SHARD_DIR).mkdir()
-        return staging
+        return StepResult(self.root / self.version_id, manifest, reused=True, seconds=time.perf_counter() - started)
 
     def publish(self, staging: Path, config: UltraCleanConfig, schema: pa.Schema, shards: list[dict],
                 dropped: Counter, extra: dict) -> tuple[Path, dict]:
@@ -78,7 +96,7 @@ class DerivedVersion:
         accounting = Accounting(records_in=records_in, dropped={self.step: Counter(dropped)})
         manifest = build_manifest(
             version_id=self.version_id, name=config.name, kind=f"ultraclean-{self.step}", parent=self.parent.version_id,
-            code_version=code_version(*self.code), inputs=[{"version_id": self.parent.version_id, "rows": records_in}],
+            code_version=code_version(*self.code), inputs=self.inputs_of(self.parent),
             config={self.step: self.step_config}, schema=schema, shards=shards, accounting=accounting,
             stage_order=[self.step], extra=extra,
         )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
+import stat
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from core.accounting import Accounting
 from core.code_version import code_version
 from core.config import ConfigError
 from core.io import atomic_path, atomic_write_text, canonical_json, sha256_file
-from core.manifest import build_manifest, dataset_card, describe_shard
+from core.manifest import QUARANTINE_NAME, build_manifest, dataset_card, describe_shard
 from core.runtime import ensure_ray, gather
 from core.versions import (
     CARD_NAME,
@@ -37,8 +38,10 @@ from core.versions import (
     compute_version_id,
     publish,
     published_manifest,
+    version_lock,
 )
 from pipelines.config import UltraCleanConfig
+from stages.base import Stage
 from stages.dedup import MinHasher, band_duplicate_pairs, cluster_duplicates, content_hash, first_in_group
 from stages.extract import HtmlExtractor
 from stages.heuristics import HeuristicFilter
@@ -62,7 +65,6 @@ PART_SCHEMA = SHARD_SCHEMA.append(pa.field("order", pa.int64())).append(pa.field
 ORDER_BITS = 40  # order = input index << 40 | record number: run order survives any scheduling
 # The code that shapes an ingested version's rows: the stages and this job (ordering, dedup, sharding).
 INGEST_CODE = ("stages", "pipelines.ingest")
-QUARANTINE_NAME = "quarantine.jsonl"
 CARD_DESCRIPTION = "Web text filtered by UltraClean (Ultra-FineWeb style): one document per row."
 
 
@@ -72,6 +74,11 @@ class ResolvedInput:
     path: str
     format: str | None
     source: str
+    problem: str | None = None  # why the input cannot be read at all: it is quarantined whole, never opened
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
 
 
 @dataclass
@@ -83,7 +90,24 @@ class IngestResult:
     stage_seconds: dict[str, float]
 
 
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an input (None: a regular file we may open). Checked before anything opens it:
+    a FIFO would block a reader forever, a directory or a symlink loop would end the run with a traceback."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:  # dangling symlink, symlink loop, vanished, no permission to look
+        return f"cannot be resolved: {error.strerror or error}"
+    if not stat.S_ISREG(mode):
+        kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "special")
+        return f"not a regular file ({kind})"
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
+
 def resolve_inputs(config: UltraCleanConfig, base_dir: Path) -> list[ResolvedInput]:
+    """Every file the input globs match, in config then name order; one that cannot be read carries the reason."""
     resolved: list[ResolvedInput] = []
     for position, spec in enumerate(config.inputs):
         pattern = spec.path if Path(spec.path).is_absolute() else str(base_dir / spec.path)
@@ -91,8 +115,14 @@ def resolve_inputs(config: UltraCleanConfig, base_dir: Path) -> list[ResolvedInp
         if not matches:
             raise ConfigError(f"inputs[{position}].path: no file matches {spec.path!r} (looked at {pattern})")
         for match in matches:
-            source = spec.source or Path(match).name
-            resolved.append(ResolvedInput(len(resolved), str(Path(match).resolve()), spec.format, source))
+            path = Path(os.path.abspath(match))
+            problem, fmt = unreadable_reason(path), spec.format
+            if problem is None and fmt is None:
+                try:
+                    fmt = detect_format(path)
+                except ValueError as error:
+                    problem = str(error)
+            resolved.append(ResolvedInput(len(resolved), str(path), fmt, spec.source or path.name, problem))
     return resolved
 
 
@@ -101,13 +131,29 @@ def fingerprint_input(path: str) -> dict:
     return {"name": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
 
 
-def _document_stages(config: UltraCleanConfig, item: ResolvedInput, accounting: Accounting):
-    path = Path(item.path)
-    reader = InputReader(path, item.format or detect_format(path), item.source, config.read, accounting)
-    stages = [HtmlExtractor(config.extract, accounting), LanguageIdentifier(config.langid, accounting)]
-    stages += [HeuristicFilter(f, accounting) for f in config.filters if f.enabled]
+def document_stages(config: UltraCleanConfig, accounting: Accounting) -> list[Stage]:
+    """The per-document stages after the reader, in order."""
+    stages: list[Stage] = [HtmlExtractor(config.extract, accounting), LanguageIdentifier(config.langid, accounting)]
+    return stages + [HeuristicFilter(f, accounting) for f in config.filters if f.enabled]
+
+
+def check_stages(config: UltraCleanConfig) -> None:
+    """Build every stage once on the driver, before any work: a missing model or an unusable setting fails the run
+    here, with the key, instead of in every task."""
+    try:
+        document_stages(config, Accounting())
+    except FileNotFoundError as error:
+        raise ConfigError(f"langid.model_path: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"filters: a filter cannot be built with its params: {error}") from None
+    if config.dedup.minhash.enabled:
+        MinHasher(config.dedup.minhash)
+
+
+def _document_stream(config: UltraCleanConfig, item: ResolvedInput, accounting: Accounting):
+    reader = InputReader(Path(item.path), item.format, item.source, config.read, accounting)
     docs = reader.run()
-    for stage in stages:
+    for stage in document_stages(config, accounting):
         docs = stage.run(docs)
     return docs
 
@@ -140,27 +186,17 @@ def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dic
     accounting = Accounting()
     started = time.perf_counter()
     kept = 0
-    with atomic_path(part) as tmp:
-        try:
-            # the format check is inside the try: an input we cannot read is bad input, not a reason to stop
-            docs = _document_stages(config, item, accounting)
-            with pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
-                batch: list[dict] = []
-                for row in _part_rows(docs, item, config):
-                    batch.append(row)
-                    if len(batch) >= 1000:
-                        writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
-                        kept, batch = kept + len(batch), []
+    # Bad input is quarantined by the stages themselves; any exception that reaches here is a failure of ours (a
+    # bug, no memory, no disk): it fails the task, and the run, without a part or a resume record for this input.
+    with atomic_path(part) as tmp, pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
+        batch: list[dict] = []
+        for row in _part_rows(_document_stream(config, item, accounting), item, config):
+            batch.append(row)
+            if len(batch) >= 1000:
                 writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
-                kept += len(batch)
-        except Exception as error:  # noqa: BLE001 - anything unforeseen quarantines this input whole; other inputs go on
-            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-            accounting = Accounting(records_in=accounting.records_in)
-            accounting.quarantine(Path(item.path).name, "file", f"input failed, all of it quarantined: {detail}",
-                                  accounting.records_in, "read")
-            kept = 0
-            with pq.ParquetWriter(tmp, PART_SCHEMA, **config.output.parquet_options()) as writer:
-                writer.write_table(PART_SCHEMA.empty_table())
+                kept, batch = kept + len(batch), []
+        writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
+        kept += len(batch)
     accounting.seconds["total"] = time.perf_counter() - started
     result = {"input": asdict(item), "kept": kept, "accounting": accounting.as_dict()}
     atomic_write_text(stats_path, json.dumps(result, sort_keys=True))
@@ -234,56 +270,71 @@ def content_config(config: UltraCleanConfig) -> dict:
 
 
 def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | None = None) -> IngestResult:
+    """Ingest the configured inputs into a dataset version, or reuse the finished one with the same id.
+
+    Fails, publishing nothing, when a config value or the environment is unusable (before any work) or when an
+    input's task fails for good (a failure of ours, not bad input); a re-run then resumes from the finished inputs.
+    """
     started = time.perf_counter()
     inputs = resolve_inputs(config, base_dir)
+    check_stages(config)
     root = Path(output_root or config.output.root).resolve()
     ensure_ray(config.ray.address, config.ray.num_cpus)
-
-    fingerprints = ray.get([fingerprint_input.remote(item.path) for item in inputs])
-    input_ids = [{**fp, "format": item.format, "source": item.source} for fp, item in zip(fingerprints, inputs)]
+    readable = [item for item in inputs if item.problem is None]
+    fingerprints = dict(zip([item.index for item in readable],
+                            ray.get([fingerprint_input.remote(item.path) for item in readable])))
+    input_ids = [{**fingerprints[item.index], "format": item.format, "source": item.source} if item.problem is None
+                 else {"name": item.name, "source": item.source, "unreadable": item.problem} for item in inputs]
     version_id = compute_version_id(inputs=input_ids, config=content_config(config),
                                     code=code_version(*INGEST_CODE), parent=None)
-    manifest = published_manifest(root, version_id)
-    if manifest is not None:
-        return IngestResult(root / version_id, manifest, reused=True, seconds=time.perf_counter() - started,
-                            stage_seconds={})
+    with version_lock(root, version_id):
+        manifest = published_manifest(root, version_id)
+        if manifest is not None:
+            return IngestResult(root / version_id, manifest, reused=True, seconds=time.perf_counter() - started,
+                                stage_seconds={})
+        final, manifest, total = _ingest_version(config, inputs, input_ids, root, version_id)
+    return IngestResult(final, manifest, reused=False, seconds=time.perf_counter() - started,
+                        stage_seconds=dict(total.seconds))
 
+
+def _ingest_version(config: UltraCleanConfig, inputs: list[ResolvedInput], input_ids: list[dict], root: Path,
+                    version_id: str) -> tuple[Path, dict, Accounting]:
     work = root / WORK_DIR / version_id
     (work / "parts").mkdir(parents=True, exist_ok=True)
     config_data = config.model_dump(mode="json")
-    part_paths = [str(work / "parts" / f"part-{item.index:05d}.parquet") for item in inputs]
+    readable = [item for item in inputs if item.problem is None]
+    part_paths = {item.index: str(work / "parts" / f"part-{item.index:05d}.parquet") for item in readable}
     task = process_input.options(num_cpus=1, max_retries=config.ray.max_retries)
-    results = gather([task.remote(item, config_data, path) for item, path in zip(inputs, part_paths)],
-                     "ingest: inputs", raise_on_error=False)
+    results = gather([task.remote(item, config_data, part_paths[item.index]) for item in readable],
+                     "ingest: inputs", labels=[item.path for item in readable])
+    accounting_of = {item.index: Accounting.from_dict(result["accounting"]) for item, result in zip(readable, results)}
+    accountings = []
+    for item in inputs:
+        if item.problem is None:
+            accountings.append(accounting_of[item.index])
+        else:
+            unreadable = Accounting()
+            unreadable.quarantine(item.name, "file", f"input skipped: {item.problem}", 0, "read")
+            accountings.append(unreadable)
 
-    accountings, live_parts = [], []
-    for item, path, result in zip(inputs, part_paths, results):
-        if isinstance(result, Exception):  # the worker died on every retry: the whole input is quarantined
-            error = f"worker failed after {config.ray.max_retries} retries: {type(result).__name__}: {str(result)[:500]}"
-            failed = Accounting()
-            failed.quarantine(Path(item.path).name, "file", error, 0, "read")
-            accountings.append(failed)
-            continue
-        accountings.append(Accounting.from_dict(result["accounting"]))
-        live_parts.append(path)
-
+    live_parts = list(part_paths.values())
     exact, near = find_duplicates(live_parts, config) if live_parts else (np.empty(0), np.empty(0))
     dedup = Accounting()
     dedup.drop("dedup", "exact_duplicate", len(exact))
     dedup.drop("dedup", "minhash_duplicate", len(near))
-    shards = write_shards(live_parts, np.union1d(exact, near), work / "staging", config)
+    staging = work / "staging"
+    shards = write_shards(live_parts, np.union1d(exact, near), staging, config)
 
     total = sum(accountings, Accounting()) + dedup
     filters = [f"filter_{f.kind}" for f in config.filters if f.enabled]
     manifest = build_manifest(
         version_id=version_id, name=config.name, kind="ultraclean-ingest", parent=None,
-        code_version=code_version(*INGEST_CODE),
-        inputs=[{**fp, "records_in": a.records_in, "quarantine_entries": len(a.quarantined)}
-                for fp, a in zip(input_ids, accountings)],
-        config=content_config(config), schema=SHARD_SCHEMA, shards=shards, accounting=total,
-        stage_order=["read", "extract", "language", *filters, "dedup"],
+        code_version=code_version(*INGEST_CODE), inputs=input_ids, config=content_config(config),
+        schema=SHARD_SCHEMA, shards=shards, accounting=total, stage_order=["read", "extract", "language", *filters,
+                                                                         "dedup"],
+        extra={"input_accounting": [{"name": item.name, "records_in": a.records_in,
+                                     "quarantine_entries": len(a.quarantined)} for item, a in zip(inputs, accountings)]},
     )
-    staging = work / "staging"
     atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
     atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=CARD_DESCRIPTION))
     atomic_write_text(staging / QUARANTINE_NAME, "".join(
@@ -292,8 +343,7 @@ def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | Non
     final = publish(staging, root, version_id)
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    return IngestResult(final, manifest, reused=False, seconds=time.perf_counter() - started,
-                        stage_seconds=dict(total.seconds))
+    return final, manifest, total
 
 
 def write_shards(part_paths: list[str], dropped_orders: np.ndarray, staging: Path,

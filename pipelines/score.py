@@ -8,7 +8,6 @@ byte-identical on a re-run whatever the scheduling.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -78,24 +77,23 @@ def score_version(
     step_config = {**scoring.model_dump(mode="json", exclude={"classifier", "input", "workers", "batch_size"}),
                    "classifier_id": classifier.classifier_id}
     derived = DerivedVersion.plan(config, parent, "score", step_config, SCORE_CODE, output_root)
-    reused = derived.reused(started)
-    if reused is not None:
-        return reused
-
-    staging = derived.new_staging()
-    schema = score_schema(parent_schema, classifier.labels) if parent_schema is not None else pa.schema([])
-    writer = ShardWriter(staging / SHARD_DIR, schema, config)
-    empty = truncated = 0
-    max_chars = classifier.normalizer.config.max_chars
-    try:
-        if parent.manifest["totals"]["rows"]:
-            ensure_ray(config.ray.address, config.ray.num_cpus)
-            for batch in tqdm(_scored_batches(parent, classifier, config), desc="score: batches", unit="batch"):
-                writer.write(batch)
-                empty += batch.column(SCORE_COLUMN).null_count
-                lengths = pc.utf8_length(batch.column(scoring.text_column))
-                truncated += pc.sum(pc.cast(pc.greater(lengths, max_chars), pa.int64())).as_py() or 0
-        writer.close()
+    with derived.writing() as staging:
+        if staging is None:
+            return derived.reused(started)
+        schema = score_schema(parent_schema, classifier.labels) if parent_schema is not None else pa.schema([])
+        writer = ShardWriter(staging / SHARD_DIR, schema, config)
+        empty = truncated = 0
+        max_chars = classifier.normalizer.config.max_chars
+        try:
+            if parent.manifest["totals"]["rows"]:
+                ensure_ray(config.ray.address, config.ray.num_cpus)
+                for batch in tqdm(_scored_batches(parent, classifier, config), desc="score: batches", unit="batch"):
+                    writer.write(batch)
+                    empty += batch.column(SCORE_COLUMN).null_count
+                    lengths = pc.utf8_length(batch.column(scoring.text_column))
+                    truncated += pc.sum(pc.cast(pc.greater(lengths, max_chars), pa.int64())).as_py() or 0
+        finally:
+            writer.close()
         shards = [describe_shard(p, config.output.tokenizer, scoring.text_column) for p in writer.paths]
         extra = {
             "classifier": {"classifier_id": classifier.classifier_id, "path": str(classifier.path),
@@ -103,10 +101,6 @@ def score_version(
             "scoring": {"scored": sum(s["rows"] for s in shards) - empty, "empty": empty, "truncated": truncated},
         }
         final, manifest = derived.publish(staging, config, schema, shards, Counter(), extra)
-    except BaseException:
-        writer.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return StepResult(final, manifest, reused=False, seconds=time.perf_counter() - started)
 
 

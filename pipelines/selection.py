@@ -7,7 +7,6 @@ Ray task. The new version's manifest accounts for every parent row (kept, or dro
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -68,12 +67,9 @@ def select_version(config: UltraCleanConfig, parent_path: Path, output_root: Pat
     cutoff_by_language = cutoffs(select, scores, languages)
     step_config = select.model_dump(mode="json", exclude={"input"})
     derived = DerivedVersion.plan(config, parent, "select", step_config, SELECT_CODE, output_root)
-    reused = derived.reused(started)
-    if reused is not None:
-        return reused
-
-    staging = derived.new_staging()
-    try:
+    with derived.writing() as staging:
+        if staging is None:
+            return derived.reused(started)
         ensure_ray(config.ray.address, config.ray.num_cpus)
         config_data = config.model_dump(mode="json")
         task = select_shard.options(num_cpus=1, max_retries=config.ray.max_retries)
@@ -94,7 +90,4 @@ def select_version(config: UltraCleanConfig, parent_path: Path, output_root: Pat
             "by_language": {lang: dict(c) for lang, c in sorted(by_language.items())},
         }}
         final, manifest = derived.publish(staging, config, schema, shards, dropped, extra)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return StepResult(final, manifest, reused=False, seconds=time.perf_counter() - started)

@@ -44,6 +44,7 @@ from core.versions import (
     publish,
     published_manifest,
     resolve_latest,
+    version_lock,
 )
 from model.tokenizer import load_tokenizer
 from model.train import CHECKPOINT_NAME
@@ -239,6 +240,7 @@ class SynthesisPlan:
     models: dict
     seeds: dict[str, list[Seed]]
     inputs: list[dict]
+    config: dict  # the config as it shapes the dataset, with the generation id: what the version id hashes
     generation_id: str
     version_id: str
     index: BenchmarkIndex | None
@@ -264,9 +266,9 @@ def plan_synthesis(config: UltraChatConfig, base_dir: Path) -> SynthesisPlan:
         {"benchmark": spec.format, "files": [{"name": f.name, "sha256": sha256_file(f)} for f in files]}
         for spec, files in benchmark_files(decontamination, base_dir)
     ]
-    version_id = compute_version_id(inputs=inputs, config={**content_config(config), "generation_id": generation_id},
-                                    code=code, parent=None)
-    return SynthesisPlan(models, seeds, inputs, generation_id, version_id, index)
+    shaping = {**content_config(config), "generation_id": generation_id}
+    version_id = compute_version_id(inputs=inputs, config=shaping, code=code, parent=None)
+    return SynthesisPlan(models, seeds, inputs, shaping, generation_id, version_id, index)
 
 
 def filter_parts(config: UltraChatConfig, chunks: list[dict], index: BenchmarkIndex | None
@@ -308,10 +310,15 @@ def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | N
     started = time.perf_counter()
     root = Path(output_root or config.output.root).resolve()
     plan = plan_synthesis(config, base_dir)
-    manifest = published_manifest(root, plan.version_id)
-    if manifest is not None:
-        return UltraChatResult(root / plan.version_id, manifest, True, time.perf_counter() - started, 0)
+    with version_lock(root, plan.version_id):
+        manifest = published_manifest(root, plan.version_id)
+        if manifest is not None:
+            return UltraChatResult(root / plan.version_id, manifest, True, time.perf_counter() - started, 0)
+        final, manifest, generated = _synthesize_version(config, plan, root)
+    return UltraChatResult(final, manifest, False, time.perf_counter() - started, generated)
 
+
+def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path) -> tuple[Path, dict, int]:
     ensure_ray(config.ray.address, config.ray.num_cpus)
     work = root / WORK_DIR / plan.generation_id
     (work / PARTS_DIR).mkdir(parents=True, exist_ok=True)
@@ -330,9 +337,8 @@ def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | N
               for number, start in enumerate(range(0, max(len(survivors), 1), per_shard))]
     manifest = build_manifest(
         version_id=plan.version_id, name=config.name, kind="ultrachat-sft", parent=None,
-        code_version=code_version(*SYNTHESIS_CODE), inputs=plan.inputs, config=content_config(config),
-        schema=SHARD_SCHEMA, shards=shards,
-        accounting=generation_accounting(chunks, filtered) + deduplicated,
+        code_version=code_version(*SYNTHESIS_CODE), inputs=plan.inputs, config=plan.config,
+        schema=SHARD_SCHEMA, shards=shards, accounting=generation_accounting(chunks, filtered) + deduplicated,
         stage_order=["generation", *filter_names, "dedup"],
         extra={"models": plan.models["ids"], "generation_id": plan.generation_id, "chat_template": CHAT_TEMPLATE,
                "families": {f: sum(1 for r in survivors if r["family"] == f) for f in config.families.enabled()}},
@@ -344,7 +350,7 @@ def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | N
     final = publish(staging, root, plan.version_id)
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    return UltraChatResult(final, manifest, False, time.perf_counter() - started, generated)
+    return final, manifest, generated
 
 
 def format_summary(result: UltraChatResult) -> str:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ConfigError
-from core.versions import DatasetVersion, verify_version
+from core.manifest import verify_version
+from core.runtime import TasksFailed
+from core.versions import DatasetVersion
 from pipelines.config import STEP_ORDER, UltraCleanConfig, load_config
 from pipelines.derived import StepResult
 from pipelines.ingest import IngestResult, run_ingest
@@ -221,11 +223,10 @@ def verify_main(argv: list[str], prog: str = "python -m pipelines.ultraclean ver
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("version", help="a version directory, or a dataset root (checks its latest version)")
     args = parser.parse_args(argv)
-    version = DatasetVersion.open(args.version)
-    problems = verify_version(version.path)
+    problems = verify_version(args.version)
     for problem in problems:
         print(f"FAILED {problem}")
-    print(f"{version.version_id}: {len(version.manifest['shards'])} shards, {'corrupt' if problems else 'intact'}")
+    print(f"{args.version}: {'corrupt' if problems else 'intact'}")
     return 1 if problems else 0
 
 
@@ -240,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ClassifierError, SeedPoolError, VerificationRejected) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TasksFailed as error:
+        print(f"error: {error}\nnothing was published; the finished work is kept, so a re-run resumes",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

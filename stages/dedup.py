@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import regex
 import xxhash
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from core.config import Strict
 
@@ -30,7 +30,7 @@ class MinHashConfig(Strict):
     num_bands: PositiveInt = 14
     rows_per_band: PositiveInt = 8
     ngram: PositiveInt = 5
-    seed: int = 1
+    seed: NonNegativeInt = 1
 
 
 class DedupConfig(Strict):

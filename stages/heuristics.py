@@ -8,6 +8,7 @@ the names in the YAML are the names in datatrove's documentation.
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any, Literal
 
 from datatrove.data import Document
@@ -17,7 +18,7 @@ from datatrove.pipeline.filters import (
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from core.config import Strict
 from stages.base import Stage
@@ -29,6 +30,35 @@ FILTER_CLASSES = {
     "fineweb": FineWebQualityFilter,
 }
 _NOT_THRESHOLDS = {"self", "exclusion_writer", "language", "batch_size"}
+_FRACTION_WORDS = ("ratio", "frac", "thr", "grams")  # thresholds on shares of a document: at most 1
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def check_threshold(kind: str, name: str, value: Any) -> None:
+    """A threshold has the type datatrove declares for it (no string where a number goes), is not negative, and a
+    share of a document is at most 1. Raises ValueError naming the threshold."""
+    annotation = inspect.signature(FILTER_CLASSES[kind].__init__).parameters[name].annotation
+    arguments = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple and len(arguments) == 1:  # datatrove's tuple[tuple[int, float]]
+        annotation = tuple[arguments[0], ...]
+    try:
+        TypeAdapter(annotation).validate_python(_as_tuples(value), strict=True)
+    except ValidationError as error:
+        raise ValueError(f"{name}: {value!r} is not a {annotation} ({error.errors()[0]['msg']})") from None
+    numbers = _numbers(value)
+    if any(n < 0 for n in numbers):
+        raise ValueError(f"{name}: {value!r} holds a negative number")
+    if any(word in name for word in _FRACTION_WORDS) and any(isinstance(n, float) and n > 1 for n in numbers):
+        raise ValueError(f"{name}: {value!r} holds a share above 1")
 
 
 class FilterConfig(Strict):
@@ -43,6 +73,8 @@ class FilterConfig(Strict):
         unknown = sorted(set(self.params) - accepted)
         if unknown:
             raise ValueError(f"{self.kind} has no threshold(s) {unknown}; accepted: {sorted(accepted)}")
+        for name, value in self.params.items():
+            check_threshold(self.kind, name, value)
         return self
 
 

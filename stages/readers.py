@@ -19,7 +19,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.data import Document
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 from resiliparse.parse.encoding import detect_encoding
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
@@ -35,6 +35,9 @@ _STREAM_ERRORS = (ArchiveLoadFailed, EOFError, zlib.error, gzip.BadGzipFile, OSE
 
 class ReadConfig(Strict):
     max_document_bytes: PositiveInt = 10_000_000
+    max_consecutive_errors: PositiveInt = Field(
+        20, description="after this many bad records in a row, the rest of the file is quarantined as one entry"
+    )
     text_key: str = "text"
     id_key: str = "id"
     url_key: str = "url"
@@ -64,6 +67,16 @@ def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
     if raw.peek(2)[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
     return raw
+
+
+def _skip_past_newline(stream) -> tuple[int, int]:
+    """Read past the rest of an over-long line in bounded chunks: (bytes read, bytes of the line without its \\n)."""
+    skipped = 0
+    while chunk := stream.readline(1 << 20):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            return skipped, skipped - 1
+    return skipped, skipped
 
 
 def decode_html(payload: bytes, content_type: str) -> str:
@@ -165,22 +178,53 @@ class InputReader(Stage):
         return Document(text=text, id=doc_id, metadata={"url": url, "date": date, "source": self.source, "kind": kind})
 
     def _read_jsonl(self) -> Iterator[Document]:
-        line_number = 0
+        line_number = offset = failures_in_a_row = 0
+        limit = self.config.max_document_bytes + 1  # a line is never held further than this
         try:
             with _open_maybe_gzip(self.path) as stream:
-                for line_number, raw_line in enumerate(stream, start=1):
-                    if not raw_line.strip():
+                while raw_line := stream.readline(limit):
+                    line_number += 1
+                    offset += len(raw_line)
+                    locator = f"line {line_number}"
+                    quarantined_before = len(self.accounting.quarantined)
+                    if len(raw_line) == limit and not raw_line.endswith(b"\n"):
+                        skipped, rest_of_line = _skip_past_newline(stream)
+                        offset += skipped
+                        self.accounting.records_in += 1
+                        self._too_big(len(raw_line) + rest_of_line, locator)
+                    elif raw_line.strip():
+                        self.accounting.records_in += 1
+                        doc = self._json_document(raw_line, locator)
+                        if doc is not None:
+                            yield doc
+                    else:
                         continue
-                    self.accounting.records_in += 1
-                    doc = self._json_document(raw_line, f"line {line_number}")
-                    if doc is not None:
-                        yield doc
+                    failed = len(self.accounting.quarantined) > quarantined_before
+                    failures_in_a_row = failures_in_a_row + 1 if failed else 0
+                    if failures_in_a_row == self.config.max_consecutive_errors:
+                        self._quarantine_rest(stream, line_number, offset)
+                        return
         except _STREAM_ERRORS as error:
             self.quarantine(self.path.name, f"after line {line_number}",
                             f"stream broken, rest of the file skipped: {type(error).__name__}: {error}", records=0)
 
+    def _quarantine_rest(self, stream, line_number: int, offset: int) -> None:
+        """The rest of a file that gave nothing but errors, as one entry: its records counted, never held."""
+        records = end = 0
+        has_text = False  # the line being read has more than whitespace (blank lines are not records)
+        while chunk := stream.readline(1 << 20):
+            end += len(chunk)
+            has_text = has_text or bool(chunk.strip())
+            if chunk.endswith(b"\n"):
+                records, has_text = records + has_text, False
+        records += has_text
+        self.accounting.records_in += records
+        self.quarantine(self.path.name, f"after line {line_number}: bytes {offset}-{offset + end} (uncompressed)",
+                        f"{self.config.max_consecutive_errors} bad records in a row: the rest of the file "
+                        f"({records} records; binary or garbled?) is quarantined as one entry", records=records)
+
     def _json_document(self, raw_line: bytes, locator: str) -> Document | None:
-        if self._too_big(len(raw_line), locator):
+        if self._too_big(len(raw_line.rstrip(b"\r\n")), locator):
             return None
         try:
             row = json.loads(raw_line.decode("utf-8"))

@@ -26,8 +26,9 @@ from datatrove.data import Document
 
 from core.accounting import Accounting
 from core.config import ConfigError
+from core.manifest import verify_version
 from core.runtime import TasksFailed, gather
-from core.versions import DatasetVersion, resolve_parquet_files, verify_version
+from core.versions import DatasetVersion, resolve_parquet_files
 from pipelines.config import load_config, parse_config
 from pipelines.ingest import run_ingest
 from pipelines.ultraclean import main as ultraclean_main
@@ -277,7 +278,7 @@ def test_bad_inputs_are_quarantined_and_the_run_goes_on(ray_local, shared_data, 
     config = parse_config(_config([{"path": str(tmp_path / "*")}], filters=[]))
     result = run_ingest(config, REPO, tmp_path / "out")
 
-    records_in = {Path(entry["name"]).name: entry["records_in"] for entry in result.manifest["inputs"]}
+    records_in = {entry["name"]: entry["records_in"] for entry in result.manifest["input_accounting"]}
     assert (records_in["mixed.jsonl"], records_in["wrong_schema.parquet"], records_in["metadata.warc.wat.gz"]) == (5, 1, 0)
     errors = [json.loads(line) for line in (result.version_path / "quarantine.jsonl").read_text().splitlines()]
     by_source = {}

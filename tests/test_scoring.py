@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from core.manifest import publish_table
-from core.versions import DatasetVersion, verify_version
+from core.manifest import publish_table, verify_version
+from core.versions import DatasetVersion
 from pipelines.config import parse_config
 from pipelines.score import score_version
 from pipelines.selection import select_version

@@ -23,8 +23,7 @@ import torch
 import yaml
 
 from core.config import ConfigError
-from core.manifest import publish_table
-from core.versions import verify_version
+from core.manifest import publish_table, verify_version
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.tokenizer import train_bpe_tokenizer
 from pipelines.ultrachat import main, run_ultrachat
