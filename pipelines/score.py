@@ -82,14 +82,17 @@ def score_version(
             return derived.reused(started)
         schema = score_schema(parent_schema, classifier.labels) if parent_schema is not None else pa.schema([])
         writer = ShardWriter(staging / SHARD_DIR, schema, config)
-        empty = truncated = 0
+        unscored = no_model = truncated = 0
         max_chars = classifier.normalizer.config.max_chars
         try:
             if parent.manifest["totals"]["rows"]:
                 ensure_ray(config.ray.address, config.ray.num_cpus)
                 for batch in tqdm(_scored_batches(parent, classifier, config), desc="score: batches", unit="batch"):
                     writer.write(batch)
-                    empty += batch.column(SCORE_COLUMN).null_count
+                    unscored += batch.column(SCORE_COLUMN).null_count
+                    if scoring.language_column in batch.column_names:
+                        languages = batch.column(scoring.language_column).to_pylist()
+                        no_model += sum(classifier.model_for(language) is None for language in languages)
                     lengths = pc.utf8_length(batch.column(scoring.text_column))
                     truncated += pc.sum(pc.cast(pc.greater(lengths, max_chars), pa.int64())).as_py() or 0
         finally:
@@ -97,8 +100,10 @@ def score_version(
         shards = [describe_shard(p, config.output.tokenizer, scoring.text_column) for p in writer.paths]
         extra = {
             "classifier": {"classifier_id": classifier.classifier_id, "path": str(classifier.path),
-                           "labels": classifier.labels, "metrics": classifier.metadata.get("metrics")},
-            "scoring": {"scored": sum(s["rows"] for s in shards) - empty, "empty": empty, "truncated": truncated},
+                           "labels": classifier.labels,
+                           "metrics": {lang: e["metrics"] for lang, e in classifier.metadata["languages"].items()}},
+            "scoring": {"scored": sum(s["rows"] for s in shards) - unscored, "empty": unscored - no_model,
+                        "no_classifier_for_language": no_model, "truncated": truncated},
         }
         final, manifest = derived.publish(staging, config, schema, shards, Counter(), extra)
     return StepResult(final, manifest, reused=False, seconds=time.perf_counter() - started)
@@ -117,7 +122,8 @@ def _scored_batches(parent: DatasetVersion, classifier: QualityClassifier, confi
     dataset = ray.data.read_parquet([str(p) for p in parent.shard_paths], num_cpus=0)
     dataset = dataset.map_batches(
         ScoreBatch,
-        fn_constructor_kwargs={"classifier_path": str(classifier.path), "text_column": scoring.text_column},
+        fn_constructor_kwargs={"classifier_path": str(classifier.path), "text_column": scoring.text_column,
+                               "language_column": scoring.language_column},
         batch_size=scoring.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -134,10 +134,16 @@ def _train_classifier(run: StepRun) -> None:
     if run.classifier_config is None:
         raise ConfigError("classifier: train-classifier needs a classifier section with seed pools")
     trained = train_classifier(run.classifier_config, run.base_dir)
-    metrics = trained.metadata["metrics"]
-    print(f"classifier {trained.path.name}{' (reused)' if trained.reused else ''}: held-out ROC-AUC "
-          f"{metrics['roc_auc']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
-          f"F1 {metrics['f1']:.3f}\nclassifier: {trained.path}")
+    print(f"classifier {trained.path.name}{' (reused)' if trained.reused else ''}:")
+    for language, entry in trained.metadata["languages"].items():
+        metrics = entry["metrics"]
+        print(f"  {language}: held-out ROC-AUC {metrics['roc_auc']:.3f}, precision {metrics['precision']:.3f}, "
+              f"recall {metrics['recall']:.3f}, F1 {metrics['f1']:.3f} ({metrics['positives']} + "
+              f"{metrics['negatives']} held-out documents)")
+    for language, counts in trained.metadata["skipped_languages"].items():
+        print(f"  {language}: no classifier (seed documents: {counts['positive']} positive, "
+              f"{counts['negative']} negative; both pools need 2)")
+    print(f"classifier: {trained.path}")
     run.classifier = trained.path
 
 

@@ -25,6 +25,7 @@ class ScoringConfig(Strict):
         None, description="dataset version (or root) to score when run alone; null: output.root's latest"
     )
     text_column: str = "content"
+    language_column: str = Field("language", description="routes each document to its language's classifier")
     batch_size: PositiveInt = Field(1024, description="documents per map_batches call")
     workers: PositiveInt | None = Field(None, description="scoring actors; null: one per CPU of the cluster")
 
@@ -45,17 +46,20 @@ def score_schema(parent: pa.Schema, labels: dict[str, str]) -> pa.Schema:
 class ScoreBatch:
     """``map_batches`` callable: ``score`` = P(positive label), plus one probability column per label.
 
-    A document that is missing or normalises to nothing gets null scores instead of a guess (the selection step
-    counts and drops it); a huge one is scored on its first ``normalize.max_chars`` characters.
+    A document that is missing, preprocesses to nothing, or is in a language without a classifier gets null scores
+    instead of a guess (the selection step counts and drops it); a huge one is scored on its first
+    ``normalize.max_chars`` characters.
     """
 
-    def __init__(self, classifier_path: str, text_column: str):
+    def __init__(self, classifier_path: str, text_column: str, language_column: str):
         self.classifier = QualityClassifier.load(classifier_path)
-        self.text_column = text_column
+        self.text_column, self.language_column = text_column, language_column
         self.names = [SCORE_COLUMN, *probability_columns(self.classifier.labels)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        probs, _ = self.classifier.score(batch.column(self.text_column).to_pylist())
+        languages = (batch.column(self.language_column).to_pylist()
+                     if self.language_column in batch.column_names else None)
+        probs, _ = self.classifier.score(batch.column(self.text_column).to_pylist(), languages)
         missing = np.isnan(probs[:, 0])
         values = probs.astype(np.float32)
         for name, column in zip(self.names, (values[:, 0], values[:, 0], values[:, 1])):

@@ -65,7 +65,6 @@ class SeedPool:
 class SeedPools:
     positive: SeedPool
     negative: SeedPool
-    balance: dict = field(default_factory=dict)
 
 
 def _format(path: Path, declared: SeedFormat | None) -> SeedFormat:
@@ -165,18 +164,27 @@ def assemble_pool(config: SeedPoolConfig, base_dir: Path, rng: np.random.Generat
 
 
 def assemble_seed_pools(config: SeedsConfig, base_dir: Path) -> SeedPools:
-    """Both pools, sampled and balanced. Raises ``SeedPoolError`` for an empty pool or pools that share all text."""
+    """Both pools, sampled (not yet balanced). Raises ``SeedPoolError`` for an empty pool or pools that share all
+    text."""
     rng = np.random.default_rng(config.seed)
     positive = assemble_pool(config.positive, base_dir, rng, "positive")
     negative = assemble_pool(config.negative, base_dir, rng, "negative")
     if set(positive.texts) == set(negative.texts):
         raise SeedPoolError("seeds: the positive and negative pools hold the same documents: nothing to learn")
-    before = {"positive": len(positive.texts), "negative": len(negative.texts)}
-    small, large = sorted((positive, negative), key=lambda pool: len(pool.texts))
-    if config.balance == "downsample":
-        large.texts = _sample(large.texts, len(small.texts), rng)
-    elif config.balance == "upsample" and small.texts:
-        extra = rng.choice(len(small.texts), size=len(large.texts) - len(small.texts), replace=True)
-        small.texts = small.texts + [small.texts[i] for i in extra]
-    after = {"positive": len(positive.texts), "negative": len(negative.texts)}
-    return SeedPools(positive, negative, {"mode": config.balance, "before": before, "after": after})
+    return SeedPools(positive, negative)
+
+
+def balance_pools(positive: list[str], negative: list[str], mode: str,
+                  rng: np.random.Generator) -> tuple[list[str], list[str], dict]:
+    """Equalise the two pools: sample the larger down, repeat the smaller, or leave them ("none")."""
+    before = {"positive": len(positive), "negative": len(negative)}
+    if mode != "none" and positive and negative and len(positive) != len(negative):
+        small, large = sorted((positive, negative), key=len)
+        if mode == "downsample":
+            large = _sample(large, len(small), rng)
+        else:
+            extra = rng.choice(len(small), size=len(large) - len(small), replace=True)
+            small = small + [small[i] for i in extra]
+        positive, negative = (small, large) if len(positive) < len(negative) else (large, small)
+    return positive, negative, {"mode": mode, "before": before,
+                                "after": {"positive": len(positive), "negative": len(negative)}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,14 @@ from stages.classifier import (
     binary_metrics,
     fit_fasttext,
     roc_auc,
-    split_pools,
+    split_language,
     train_classifier,
 )
 from stages.heuristics import HeuristicFilter
 from stages.langid import LangIdConfig, LanguageIdentifier
-from stages.normalize import NormalizeConfig, TextNormalizer
+from stages.normalize import JiebaNormalizer, NormalizeConfig, ReleasedNormalizer, make_normalizer
 from stages.readers import InputReader, ReadConfig
-from stages.seeds import SeedPoolError, SeedsConfig, assemble_seed_pools
+from stages.seeds import SeedPoolError, SeedsConfig, assemble_seed_pools, balance_pools
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"dim": 32, "bucket": 50_000, "epoch": 10, "wordNgrams": 2, "lr": 0.5, "thread": 1, "seed": 0}
@@ -39,32 +38,55 @@ SMALL_MODEL = {"dim": 32, "bucket": 50_000, "epoch": 10, "wordNgrams": 2, "lr": 
 # --- normaliser ---------------------------------------------------------------------------------------------------
 
 
-def test_normaliser_switches_give_the_hand_computed_text():
+def _jieba(**settings) -> JiebaNormalizer:
+    return JiebaNormalizer(NormalizeConfig(mode="jieba", **settings))
+
+
+def test_jieba_normaliser_switches_give_the_hand_computed_text():
     text = "Hello,  World!\n\nIt's\tTRUE."
-    assert TextNormalizer(NormalizeConfig())(text) == "hello , world ! it ' s true ."
-    assert TextNormalizer(NormalizeConfig(lowercase=False, punctuation="keep"))(text) == "Hello, World! It's TRUE."
-    assert TextNormalizer(NormalizeConfig(punctuation="remove"))(text) == "hello world it s true"
-    assert TextNormalizer(NormalizeConfig(newlines="eos", punctuation="keep"))(text) == "hello, world! </s> it's true."
+    assert _jieba()(text) == "hello , world ! it ' s true ."
+    assert _jieba(lowercase=False, punctuation="keep")(text) == "Hello, World! It's TRUE."
+    assert _jieba(punctuation="remove")(text) == "hello world it s true"
+    assert _jieba(newlines="eos", punctuation="keep")(text) == "hello, world! </s> it's true."
     # without whitespace folding the tab survives, but no line break ever does: fastText would end the example there
-    unfolded = TextNormalizer(NormalizeConfig(fold_whitespace=False, punctuation="keep"))("a  b\r\nc\u2028d")
-    assert unfolded == "a  b c d"
-    assert TextNormalizer(NormalizeConfig(max_chars=5, punctuation="keep"))("abcdefgh ij") == "abcde"
+    assert _jieba(fold_whitespace=False, punctuation="keep")("a  b\r\nc\u2028d") == "a  b c d"
+    assert _jieba(max_chars=5, punctuation="keep")("abcdefgh ij") == "abcde"
 
 
 def test_chinese_is_segmented_into_words(shared_data):
     line = next(line for line in (shared_data / "text/hongloumeng.txt").read_text(encoding="utf-8").splitlines()
                 if len(line.strip()) > 60)
-    normalised = TextNormalizer(NormalizeConfig())(line)
+    normalised = _jieba()(line)
     words = normalised.split()
     assert "\r" not in normalised and "\n" not in normalised
     # jieba cuts a line of classical prose into words of one to a few characters, not one token per line
     assert len(words) > len(line) / 4 and max(len(w) for w in words) <= 8
-    assert "".join(words) == "".join(TextNormalizer(NormalizeConfig(punctuation="keep", segment_chinese=False))(line).split())
-    unsegmented = TextNormalizer(NormalizeConfig(segment_chinese=False))(line).split()
-    assert len(unsegmented) < len(words) / 2
+    assert "".join(words) == "".join(_jieba(punctuation="keep", segment_chinese=False)(line).split())
+    assert len(_jieba(segment_chinese=False)(line).split()) < len(words) / 2
 
 
-# --- metrics ------------------------------------------------------------------------------------------------------
+def _byte_tokenizer(path: Path) -> Path:
+    """A byte-level BPE without merges: every byte is a token, so the released recipe's output can be worked out
+    by hand (each ASCII character is a piece; a Chinese character's three byte tokens decode to it together)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path))
+    return path
+
+
+def test_released_preprocessing_gives_the_hand_computed_text(tmp_path):
+    released = ReleasedNormalizer(NormalizeConfig(), _byte_tokenizer(tmp_path / "tokenizer.json"))
+    # 4 newlines -> 2; lower-case; NFKD without marks (é -> e, ｆ -> f); one piece per token, joined with spaces;
+    # \n and \t written as two-character escapes; runs of spaces squeezed; a CJK character's bytes kept together
+    assert released("Héllo\n\n\n\nＡ\tb  中文") == "h e l l o \\n \\n a \\t b 中 文"
+    assert released.normalize_batch(["abc", "x" * 200_000]) == [("a b c", False), (" ".join("x" * 1024), True)]
+
+
+# --- metrics# --- metrics ------------------------------------------------------------------------------------------------------
 
 
 def test_roc_auc_and_binary_metrics_hand_computed():
@@ -98,14 +120,18 @@ def test_seed_pools_sample_balance_and_identify_their_sources(shared_data, tmp_p
         "seed": 3,
     }
     pools = assemble_seed_pools(SeedsConfig.model_validate(config), tmp_path)
-    assert len(pools.positive.texts) == 30 and len(pools.negative.texts) == 30  # downsampled to the smaller pool
-    assert pools.balance["before"] == {"positive": 80, "negative": 30}
+    assert (len(pools.positive.texts), len(pools.negative.texts)) == (80, 30)
     assert all(len(t) >= 200 and "\n" not in t for t in pools.positive.texts)
     assert pools.positive.sources[0]["id"] == "sha256:" + sha256_file(wiki)
     again = assemble_seed_pools(SeedsConfig.model_validate(config), tmp_path)
     assert again.positive.texts == pools.positive.texts  # seeded: the same draw every time
-    upsampled = assemble_seed_pools(SeedsConfig.model_validate({**config, "balance": "upsample"}), tmp_path)
-    assert len(upsampled.negative.texts) == 80 and set(upsampled.negative.texts) == set(pools.negative.texts)
+    rng = np.random.default_rng(0)
+    positive, negative, info = balance_pools(pools.positive.texts, pools.negative.texts, "downsample", rng)
+    assert (len(positive), len(negative)) == (30, 30) and set(positive) <= set(pools.positive.texts)
+    assert info == {"mode": "downsample", "before": {"positive": 80, "negative": 30},
+                    "after": {"positive": 30, "negative": 30}}
+    positive, negative, _ = balance_pools(pools.positive.texts, pools.negative.texts, "upsample", rng)
+    assert len(negative) == 80 and set(negative) == set(pools.negative.texts) and positive == pools.positive.texts
 
 
 def test_empty_and_single_class_seed_pools_are_refused(ray_local, shared_data, tmp_path):
@@ -125,9 +151,12 @@ def test_empty_and_single_class_seed_pools_are_refused(ray_local, shared_data, t
         "seeds": {"positive": {"sources": [{"path": wiki, "split": "line"}]}, "negative": {"sources": [{"path": str(one)}]},
                   "balance": "none"},
         "fasttext": SMALL_MODEL,
+        "languages": None,
     })
-    with pytest.raises(ClassifierError, match="seeds.negative: 1 non-empty"):
+    with pytest.raises(ClassifierError, match=r"seeds.negative \(all\): 1 non-empty"):
         train_classifier(config, tmp_path, tmp_path / "classifiers")
+    with pytest.raises(ClassifierError, match="no language has seeds in both pools"):
+        train_classifier(config.model_copy(update={"languages": ["en", "zh"]}), tmp_path, tmp_path / "classifiers")
 
 
 # --- a classifier on real text ------------------------------------------------------------------------------------
@@ -167,6 +196,7 @@ def trained(ray_local, shared_data, heuristic_split, tmp_path_factory):
         },
         "fasttext": SMALL_MODEL,
         "eval_fraction": 0.2,
+        "languages": ["en", "zh"],  # no Chinese seeds here: an English classifier only, zh recorded as skipped
     })
     result = train_classifier(config, work, work / "classifiers")
     return config, work, result, good[1::2], bad[1::2]
@@ -177,7 +207,10 @@ def test_training_the_case_that_hit_nan_twenty_times_gives_one_model(trained, tm
     different models from one seed): most of its input matrix started as uninitialised heap memory. Every run must
     now give the same model, whatever the heap held before (here: freed buffers full of 0xFF bytes, i.e. NaN)."""
     config, work, *_ = trained
-    train_file = split_pools(config, assemble_seed_pools(config.seeds, work)).write_training_file(tmp_path / "t.txt")
+    config = config.model_copy(update={"normalize": NormalizeConfig(mode="jieba")})  # as when it failed
+    pools = assemble_seed_pools(config.seeds, work)
+    split = split_language(config, pools.positive.texts, pools.negative.texts, make_normalizer(config.normalize), "all")
+    train_file = split.write_training_file(tmp_path / "t.txt")
     digests = set()
     for run in range(20):
         garbage = [bytearray(b"\xff" * 2_000_000) for _ in range(4)]  # leaves NaN bit patterns on the heap
@@ -193,61 +226,64 @@ def test_classifier_separates_real_good_from_bad_web_text(trained):
     about 0.89 there and 0.90 on the mixed held-out split, so the bars leave room for platform float drift
     but not for a broken normaliser, label mix-up or an unshuffled training file."""
     config, _, result, good_test, bad_test = trained
-    metrics = result.metadata["metrics"]
+    metrics = result.metadata["languages"]["en"]["metrics"]
     assert metrics["roc_auc"] >= 0.85, metrics
     assert metrics["positives"] >= 15 and metrics["negatives"] >= 15
     # web text only, never seen in training: WikiText's own tokenisation cannot be what the model learned
     classifier = QualityClassifier.load(result.path, expected_labels=config.labels)
-    good_scores, _ = classifier.score(good_test)
-    bad_scores, _ = classifier.score(bad_test)
+    good_scores, _ = classifier.score(good_test, ["en"] * len(good_test))
+    bad_scores, _ = classifier.score(bad_test, ["en"] * len(bad_test))
     scores = np.concatenate([good_scores[:, 0], bad_scores[:, 0]])
     truth = np.r_[np.ones(len(good_test), bool), np.zeros(len(bad_test), bool)]
     web_auc = roc_auc(scores, truth)
     print(f"held-out ROC-AUC {metrics['roc_auc']:.3f}, web-only {web_auc:.3f}")
     assert web_auc >= 0.75
-    assert np.allclose(good_scores.sum(axis=1), 1.0, atol=1e-4)  # P(hq) + P(lq)
+    assert np.allclose(good_scores.sum(axis=1), 1.0, atol=1e-4)  # P(pos) + P(neg)
 
 
 def test_saved_classifier_records_what_made_it(trained, shared_data):
     config, work, result, _, _ = trained
     metadata = json.loads((result.path / "metadata.json").read_text())
-    assert metadata["labels"] == {"positive": "__label__hq", "negative": "__label__lq"}
+    assert metadata["labels"] == {"positive": "__label__pos", "negative": "__label__neg"}  # the released labels
     assert metadata["fasttext"]["dim"] == 32 and metadata["fasttext"]["wordNgrams"] == 2
-    assert metadata["normalize"] == NormalizeConfig().model_dump(mode="json")
+    assert metadata["normalize"] == NormalizeConfig().model_dump(mode="json") and metadata["tokenizer_file"]
     ids = [s["id"] for s in metadata["seeds"]["positive"]] + [s["id"] for s in metadata["seeds"]["negative"]]
     assert ids == ["sha256:" + sha256_file(p) for p in (shared_data / "text/wikitext-2/valid.txt",
                                                           work / "good_train.parquet", work / "bad_train.parquet")]
-    assert metadata["model_sha256"] == sha256_file(result.path / "model.bin")
-    assert (result.path / "score_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(metadata["languages"]) == {"en"} and set(metadata["skipped_languages"]) == {"zh"}
+    english = metadata["languages"]["en"]
+    assert english["model_sha256"] == sha256_file(result.path / "en" / "model.bin")
+    assert (result.path / english["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (work / "classifiers" / "latest").read_text().strip() == result.path.name
-    assert not list(result.path.glob("*.txt"))  # the training file is not shipped
+    assert not list(result.path.rglob("*.txt"))  # the training files are not shipped
     again = train_classifier(config, work, work / "classifiers")
     assert again.reused and again.path == result.path
 
 
-def test_scoring_normalises_exactly_as_training_did(trained):
-    """The scorer rebuilds the normaliser from the saved settings; a scorer that skipped or changed it would
-    give different probabilities, and this comparison would fail."""
+def test_scoring_preprocesses_exactly_as_training_did_and_routes_by_language(trained):
+    """The scorer rebuilds the preprocessing from the saved settings and tokenizer; a scorer that skipped or changed
+    it would give different probabilities, and this comparison would fail."""
     config, _, result, good_test, _ = trained
     classifier = QualityClassifier.load(result.path)
     docs = good_test[:20]
-    probs, _ = classifier.score(docs)
-    train_time = TextNormalizer(config.normalize)
-    labels, values = classifier.model.predict([train_time(d) for d in docs], k=2)
-    expected = [dict(zip(names, vals))["__label__hq"] for names, vals in zip(labels, values)]
-    assert np.allclose(probs[:, 0], np.clip(expected, 0, 1), atol=1e-6)
-    other = TextNormalizer(NormalizeConfig(lowercase=False, punctuation="keep"))
-    labels, values = classifier.model.predict([other(d) for d in docs], k=2)
-    mismatched = [dict(zip(names, vals))["__label__hq"] for names, vals in zip(labels, values)]
-    assert not np.allclose(probs[:, 0], mismatched, atol=1e-3)
+    probs, stats = classifier.score(docs + docs[:2], ["en"] * len(docs) + ["zh", "de"])
+    train_time = make_normalizer(config.normalize, result.path / "tokenizer.json")
+    labels, values = classifier.models["en"].predict([train_time(d) for d in docs], k=2)
+    expected = [dict(zip(names, vals))["__label__pos"] for names, vals in zip(labels, values)]
+    assert np.allclose(probs[:20, 0], np.clip(expected, 0, 1), atol=1e-6)
+    assert np.isnan(probs[20:]).all() and stats["no_model"] == 2  # no classifier for zh (no seeds) or de
+    other = _jieba()
+    labels, values = classifier.models["en"].predict([other(d) for d in docs], k=2)
+    mismatched = [dict(zip(names, vals))["__label__pos"] for names, vals in zip(labels, values)]
+    assert not np.allclose(probs[:20, 0], mismatched, atol=1e-3)
 
 
 def test_empty_and_huge_documents_are_scored_or_skipped(trained):
     _, _, result, good_test, _ = trained
     classifier = QualityClassifier.load(result.path)
     huge = good_test[0] * (1 + 2 * classifier.normalizer.config.max_chars // len(good_test[0]))
-    probs, stats = classifier.score(["", None, "   \n  ", huge, good_test[0]])
-    assert stats == {"empty": 3, "truncated": 1}
+    probs, stats = classifier.score(["", None, "   \n  ", huge, good_test[0]], ["en"] * 5)
+    assert stats == {"empty": 3, "truncated": 1, "no_model": 0}
     assert np.isnan(probs[:3]).all() and not np.isnan(probs[3:]).any()
 
 
@@ -258,13 +294,13 @@ def test_missing_model_and_mismatched_labels_are_clear_errors(trained, tmp_path)
     with pytest.raises(ClassifierError, match="the config expects"):
         QualityClassifier.load(result.path, expected_labels=ClassifierLabels(positive="good", negative="bad"))
     copy = tmp_path / "copy"
-    copy.mkdir()
+    (copy / "en").mkdir(parents=True)
     metadata = json.loads((result.path / "metadata.json").read_text())
     (copy / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(ClassifierError, match="model file missing"):
         QualityClassifier.load(copy)
-    (copy / "model.bin").symlink_to(result.path / "model.bin")
-    metadata["labels"] = {"positive": "__label__good", "negative": "__label__lq"}
+    (copy / "en" / "model.bin").symlink_to(result.path / "en" / "model.bin")
+    metadata["labels"] = {"positive": "__label__good", "negative": "__label__neg"}
     (copy / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(ClassifierError, match="predicts labels"):
         QualityClassifier.load(copy)
@@ -287,5 +323,6 @@ def test_config_sections_are_optional_and_checked():
                                              "labels": {"positive": "x", "negative": "x"}}})
     example, _ = load_config(REPO / "configs/ultraclean-classify.yaml")
     assert example.steps == ["ingest", "train_classifier", "score", "select"]
-    assert example.classifier.fasttext.lr == 0.1 and example.classifier.fasttext.wordNgrams == 2
-    assert math.isclose(example.select.top_fraction, 0.5)
+    assert example.classifier.fasttext == FastTextParams()  # the released hyper-parameters
+    assert example.classifier.normalize.mode == "released" and example.classifier.languages == ["en", "zh"]
+    assert example.select.mode == "threshold" and example.select.threshold == 0.5  # the released default

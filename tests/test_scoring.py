@@ -37,7 +37,8 @@ def setup(ray_local, shared_data, tmp_path_factory):
                                             "min_chars": 200, "max_documents": 150}]},
                   "negative": {"sources": [{"path": str(shared_data / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz"),
                                             "text_key": "text", "max_documents": 150}]}},
-        "fasttext": {"dim": 16, "bucket": 20_000, "epoch": 5, "lr": 0.5, "seed": 0},
+        "fasttext": {"dim": 16, "bucket": 20_000, "epoch": 5, "lr": 0.5, "seed": 0, "minCount": 1},
+        "languages": None,  # one classifier for both languages of the parent
     })
     classifier = train_classifier(classifier_config, work, work / "classifiers").path
     config = parse_config({"name": "t", "steps": ["score", "select"], "classifier": classifier_config.model_dump(),
@@ -53,16 +54,17 @@ def test_scored_version_adds_scores_that_match_the_classifier(setup):
     assert manifest["parent"] == parent.name and not verify_version(scored.version_path)
     assert manifest["accounting"] == {"records_in": len(table), "kept": len(table), "dropped": 0, "quarantined": 0,
                                       "quarantine_entries": 0}
-    assert manifest["scoring"] == {"scored": len(table) - 2, "empty": 2, "truncated": 1}
+    assert manifest["scoring"] == {"scored": len(table) - 2, "empty": 2, "no_classifier_for_language": 0,
+                                   "truncated": 1}
     assert [s["rows"] for s in manifest["shards"]] == [150, 93]  # output.rows_per_shard, whatever the batches
     out = pa.concat_tables(pq.read_table(p) for p in DatasetVersion.open(scored.version_path).shard_paths)
-    assert out.column_names == ["content", "id", "language", "score", "prob_hq", "prob_lq"]
+    assert out.column_names == ["content", "id", "language", "score", "prob_pos", "prob_neg"]
     assert out["id"].to_pylist() == table["id"].to_pylist()  # order kept
     expected, _ = QualityClassifier.load(classifier_path).score(table["content"].to_pylist())
     got = out["score"].to_numpy(zero_copy_only=False).astype(np.float64)
     assert np.allclose(np.nan_to_num(got, nan=-1), np.nan_to_num(expected[:, 0], nan=-1), atol=1e-6)
     assert out["score"].null_count == 2
-    assert np.allclose(out["prob_hq"].to_numpy(zero_copy_only=False), got, equal_nan=True)
+    assert np.allclose(out["prob_pos"].to_numpy(zero_copy_only=False), got, equal_nan=True)
 
 
 def test_scoring_is_deterministic_and_reuses_a_finished_version(setup, tmp_path):
