@@ -48,11 +48,11 @@ def count_tokens(texts: list[str], tokenizer_path: str | None) -> int | None:
     return sum(len(e.ids) for e in encoder.encode_batch(texts, add_special_tokens=False)) if texts else 0
 
 
-def describe_shard(path: Path, tokenizer: str | None = None, text_column: str = "content") -> dict:
+def describe_shard(path: Path, version_dir: Path, tokenizer: str | None = None, text_column: str = "content") -> dict:
     """A shard's manifest entry: its path inside the version, rows, bytes, sha256, characters, tokens (if counted)."""
     column = pq.read_table(path, columns=[text_column])[text_column]
     return {
-        "path": f"{SHARD_DIR}/{Path(path).name}",
+        "path": Path(path).relative_to(version_dir).as_posix(),
         "rows": len(column),
         "bytes": Path(path).stat().st_size,
         "sha256": sha256_file(path),
@@ -127,6 +127,17 @@ pyarrow.dataset.dataset(files).to_table()
 ```"""
 
 
+def split_loading(splits: list[str]) -> str:
+    """The loading recipe of a version whose shards are split by language under ``data/<split>/``."""
+    files = ", ".join(f'"{split}": f"{{version}}/{SHARD_DIR}/{split}/*.parquet"' for split in splits)
+    return f"""One split per language ({", ".join(splits)}), as Ultra-FineWeb's `en` and `zh`:
+```python
+import datasets
+version = "<this directory>"
+datasets.load_dataset("parquet", data_files={{{files}}})
+```"""
+
+
 def dataset_card(manifest: dict, *, description: str, rows_label: str = "documents",
                  inputs_label: str = "input records", loading: str = PARQUET_LOADING,
                  sections: tuple[str, ...] = ()) -> str:
@@ -179,7 +190,7 @@ def publish_table(table: pa.Table, root: Path, *, name: str, rows_per_shard: int
             paths.append(staging / SHARD_DIR / f"shard-{number:05d}.parquet")
             paths[-1].parent.mkdir(exist_ok=True)
             pq.write_table(table.slice(start, rows_per_shard), paths[-1], compression="zstd", store_schema=False)
-        shards = [describe_shard(p, text_column=text_column) for p in paths]
+        shards = [describe_shard(p, staging, text_column=text_column) for p in paths]
         inputs = [{"shard_sha256": [s["sha256"] for s in shards]}]
         version_id = compute_version_id(inputs=inputs, config={"name": name}, code="publish_table", parent=None)
         manifest = build_manifest(

@@ -19,7 +19,7 @@ import pyarrow as pa
 from core.accounting import Accounting
 from core.code_version import code_version
 from core.io import atomic_write_text, canonical_json
-from core.manifest import build_manifest, dataset_card
+from core.manifest import PARQUET_LOADING, build_manifest, dataset_card, split_loading
 from core.versions import (
     CARD_NAME,
     MANIFEST_NAME,
@@ -101,5 +101,6 @@ class DerivedVersion:
             stage_order=[self.step], extra=extra,
         )
         atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
-        atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=CARD_DESCRIPTION))
+        loading = split_loading(manifest["splits"]) if manifest.get("splits") else PARQUET_LOADING
+        atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=CARD_DESCRIPTION, loading=loading))
         return publish(staging, self.root, self.version_id), manifest

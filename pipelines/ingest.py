@@ -239,7 +239,7 @@ def write_shard(pieces: list[tuple[str, list[int]]], out_path: str, config_data:
         shard = pa.concat_tables(tables).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
         with atomic_path(out) as tmp:
             pq.write_table(shard, tmp, row_group_size=config.output.row_group_rows, **config.output.parquet_options())
-    return describe_shard(out, config.output.tokenizer)
+    return describe_shard(out, out.parent.parent, config.output.tokenizer)
 
 
 def plan_shards(part_orders: list[tuple[str, np.ndarray]], rows_per_shard: int) -> list[list[tuple[str, list[int]]]]:

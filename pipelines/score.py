@@ -97,7 +97,7 @@ def score_version(
                     truncated += pc.sum(pc.cast(pc.greater(lengths, max_chars), pa.int64())).as_py() or 0
         finally:
             writer.close()
-        shards = [describe_shard(p, config.output.tokenizer, scoring.text_column) for p in writer.paths]
+        shards = [describe_shard(p, staging, config.output.tokenizer, scoring.text_column) for p in writer.paths]
         extra = {
             "classifier": {"classifier_id": classifier.classifier_id, "path": str(classifier.path),
                            "labels": classifier.labels,

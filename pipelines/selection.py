@@ -30,23 +30,30 @@ SELECT_CODE = ("stages.select", "pipelines.selection")
 
 
 @ray.remote
-def select_shard(shard_path: str, out_path: str, cutoff_by_language: dict, language_column: str,
-                 config_data: dict) -> dict:
-    """One scored shard filtered by the cutoffs; written atomically (skipped when nothing is kept)."""
+def select_shard(shard_path: str, staging: str, cutoff_by_language: dict, config_data: dict) -> dict:
+    """One scored shard filtered by the cutoffs, into ``data/`` or, split by language, ``data/<language>/`` (each
+    file written atomically, none when nothing is kept)."""
     config = UltraCleanConfig.model_validate(config_data)
+    select, language_column = config.select, config.select.language_column
     table = pq.read_table(shard_path)
     kept, dropped = select_table(table, cutoff_by_language, language_column)
-    by_language = {}
+    by_language, parts = {}, {"": kept}
     if language_column in table.column_names:
         before = Counter(language_values(table, language_column).tolist())
         after = Counter(language_values(kept, language_column).tolist())
         by_language = {lang: {"in": before[lang], "kept": after[lang]} for lang in sorted(before)}
-    shard = None
-    if len(kept):
-        with atomic_path(out_path) as tmp:
-            pq.write_table(kept, tmp, row_group_size=config.output.row_group_rows, **config.output.parquet_options())
-        shard = describe_shard(Path(out_path), config.output.tokenizer, config.scoring.text_column)
-    return {"shard": shard, "dropped": dict(dropped), "by_language": by_language}
+        if select.split_by_language:
+            languages = language_values(kept, language_column)
+            parts = {lang or "unknown": kept.filter(pa.array(languages == lang)) for lang in sorted(set(languages))}
+    shards = []
+    for split, part in parts.items():
+        if not len(part):
+            continue
+        out = Path(staging) / SHARD_DIR / split / Path(shard_path).name
+        with atomic_path(out) as tmp:
+            pq.write_table(part, tmp, row_group_size=config.output.row_group_rows, **config.output.parquet_options())
+        shards.append(describe_shard(out, Path(staging), config.output.tokenizer, config.scoring.text_column))
+    return {"shards": shards, "dropped": dict(dropped), "by_language": by_language}
 
 
 def select_version(config: UltraCleanConfig, parent_path: Path, output_root: Path | None = None) -> StepResult:
@@ -73,8 +80,7 @@ def select_version(config: UltraCleanConfig, parent_path: Path, output_root: Pat
         ensure_ray(config.ray.address, config.ray.num_cpus)
         config_data = config.model_dump(mode="json")
         task = select_shard.options(num_cpus=1, max_retries=config.ray.max_retries)
-        refs = [task.remote(str(p), str(staging / SHARD_DIR / p.name), cutoff_by_language, select.language_column,
-                            config_data) for p in parent.shard_paths]
+        refs = [task.remote(str(p), str(staging), cutoff_by_language, config_data) for p in parent.shard_paths]
         results = gather(refs, "select: shards", labels=[p.name for p in parent.shard_paths])
         dropped: Counter = Counter()
         by_language: dict[str, Counter] = {}
@@ -82,9 +88,10 @@ def select_version(config: UltraCleanConfig, parent_path: Path, output_root: Pat
             dropped.update(result["dropped"])
             for lang, counts in result["by_language"].items():
                 by_language.setdefault(lang, Counter()).update(counts)
-        shards = [r["shard"] for r in results if r["shard"] is not None]
+        shards = sorted((shard for r in results for shard in r["shards"]), key=lambda shard: shard["path"])
         schema = pq.read_schema(parent.shard_paths[0]) if parent.shard_paths else pa.schema([])
-        extra = {"selection": {
+        splits = sorted({Path(shard["path"]).parent.name for shard in shards} - {SHARD_DIR})
+        extra = {"splits": splits, "selection": {
             "mode": select.mode,
             "cutoffs": {lang: (None if np.isinf(v) else v) for lang, v in cutoff_by_language.items()},
             "by_language": {lang: dict(c) for lang, c in sorted(by_language.items())},

@@ -32,6 +32,9 @@ class SelectConfig(Strict):
         default_factory=dict, description="per language: its own threshold or fraction (implies per_language)"
     )
     language_column: str = "language"
+    split_by_language: bool = Field(
+        True, description="one split per language (data/<language>/), as Ultra-FineWeb's en and zh splits"
+    )
     input: str | None = Field(None, description="scored dataset version (or root) when run alone; null: latest")
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ import json
 import math
 from collections import Counter
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -93,6 +94,15 @@ def test_top_fraction_per_language_selection_counts_add_up(setup):
         assert len(kept) == int((scores >= cutoff).sum()) >= math.ceil(0.3 * n)
         assert manifest["selection"]["by_language"][language]["kept"] == len(kept)
     assert accounting["kept"] == len(out) == manifest["totals"]["rows"]
+    # one split per language, as Ultra-FineWeb's en and zh: each loads on its own with datasets
+    assert manifest["splits"] == ["en", "es"]
+    splits = datasets.load_dataset("parquet", data_files={
+        split: str(selected.version_path / "data" / split / "*.parquet") for split in manifest["splits"]})
+    for split in manifest["splits"]:
+        assert set(splits[split]["language"]) == {split}
+        assert splits[split].num_rows == manifest["selection"]["by_language"][split]["kept"]
+    assert {"content", "score", "language"} <= set(splits["en"].column_names)
+    assert verify_version(selected.version_path) == []
 
 
 def test_threshold_selection_through_the_cli(setup, tmp_path, capsys):
