@@ -17,8 +17,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -41,8 +39,9 @@ from core.versions import (
     version_lock,
 )
 from pipelines.config import UltraCleanConfig
+from pipelines.dedup import ORDER_BITS, deduplicate, removed_count, removed_orders
 from stages.base import Stage
-from stages.dedup import MinHasher, band_duplicate_pairs, cluster_duplicates, content_hash, first_in_group
+from stages.dedup import MinHasher, content_hash
 from stages.extract import HtmlExtractor
 from stages.heuristics import HeuristicFilter
 from stages.langid import LanguageIdentifier
@@ -62,7 +61,6 @@ SHARD_SCHEMA = pa.schema(
 PART_SCHEMA = SHARD_SCHEMA.append(pa.field("order", pa.int64())).append(pa.field("content_hash", pa.uint64())).append(
     pa.field("minhash_bands", pa.list_(pa.uint64()))
 )
-ORDER_BITS = 40  # order = input index << 40 | record number: run order survives any scheduling
 # The code that shapes an ingested version's rows: the stages and this job (ordering, dedup, sharding).
 INGEST_CODE = ("stages", "pipelines.ingest")
 CARD_DESCRIPTION = "Web text filtered by UltraClean (Ultra-FineWeb style): one document per row."
@@ -204,57 +202,38 @@ def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dic
 
 
 @ray.remote
-def band_pairs(part_paths: list[str], band: int, excluded: np.ndarray) -> pl.DataFrame:
-    frames = []
-    for path in part_paths:
-        table = pq.read_table(path, columns=["order", "minhash_bands"])
-        frame = pl.from_arrow(table).with_columns(pl.col("minhash_bands").list.get(band).alias("band"))
-        frames.append(frame.select("order", "band").filter(~pl.col("order").is_in(excluded)))
-    return band_duplicate_pairs(frames)
-
-
-def find_duplicates(part_paths: list[str], config: UltraCleanConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Orders of exact duplicates and of MinHash near-duplicates (disjoint), each group's first document kept."""
-    keys = pl.concat([pl.from_arrow(pq.read_table(p, columns=["order", "content_hash"])) for p in part_paths])
-    exact = np.sort(first_in_group(keys, "content_hash")["order"].to_numpy()) if config.dedup.exact else np.empty(0, np.int64)
-    near = np.empty(0, np.int64)
-    if config.dedup.minhash.enabled and len(keys):
-        excluded = ray.put(exact)
-        refs = [band_pairs.remote(part_paths, band, excluded) for band in range(config.dedup.minhash.num_bands)]
-        pairs = gather(refs, "dedup: minhash bands", labels=[f"band {band}" for band in range(len(refs))])
-        near = cluster_duplicates(pl.concat(pairs))
-    return exact, near
-
-
-@ray.remote
-def write_shard(pieces: list[tuple[str, list[int]]], out_path: str, config_data: dict) -> dict:
-    """Phase 3: one output shard from the given orders of the given parts, in run order, written atomically."""
+def write_shard(pieces: list[tuple[int, str, int, int]], removed: list[str], out_path: str, config_data: dict) -> dict:
+    """Phase 3: one output shard, in run order, from the given ranges of the parts' surviving rows (written
+    atomically; a finished shard is kept on resume)."""
     config = UltraCleanConfig.model_validate(config_data)
     out = Path(out_path)
     if not out.is_file():
         tables = []
-        for part_path, orders in pieces:
+        for part, part_path, start, stop in pieces:
             table = pq.read_table(part_path)
-            tables.append(table.filter(pc.is_in(table["order"], value_set=pa.array(orders, pa.int64()))))
+            gone = pc.is_in(table["order"], value_set=pa.array(removed_orders(removed, part), pa.int64()))
+            tables.append(table.filter(pc.invert(gone)).slice(start, stop - start))
         shard = pa.concat_tables(tables).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
         with atomic_path(out) as tmp:
             pq.write_table(shard, tmp, row_group_size=config.output.row_group_rows, **config.output.parquet_options())
     return describe_shard(out, out.parent.parent, config.output.tokenizer)
 
 
-def plan_shards(part_orders: list[tuple[str, np.ndarray]], rows_per_shard: int) -> list[list[tuple[str, list[int]]]]:
-    shards: list[list[tuple[str, list[int]]]] = [[]]
+def plan_shards(surviving: list[tuple[int, str, int]], rows_per_shard: int) -> list[list[tuple[int, str, int, int]]]:
+    """Shards of ``rows_per_shard`` rows over the parts' surviving rows in run order: per shard, the ranges
+    ``(part, path, start, stop)`` it takes. Counts only: no process holds the orders of the run."""
+    shards: list[list[tuple[int, str, int, int]]] = [[]]
     room = rows_per_shard
-    for part_path, orders in part_orders:
+    for part, path, count in surviving:
         start = 0
-        while start < len(orders):
+        while start < count:
             if room == 0:
                 shards.append([])
                 room = rows_per_shard
-            take = orders[start : start + room]
-            shards[-1].append((part_path, take.tolist()))
-            start += len(take)
-            room -= len(take)
+            take = min(room, count - start)
+            shards[-1].append((part, path, start, start + take))
+            start += take
+            room -= take
     return [shard for shard in shards if shard]
 
 
@@ -317,13 +296,15 @@ def _ingest_version(config: UltraCleanConfig, inputs: list[ResolvedInput], input
             unreadable.quarantine(item.name, "file", f"input skipped: {item.problem}", 0, "read")
             accountings.append(unreadable)
 
-    live_parts = list(part_paths.values())
-    exact, near = find_duplicates(live_parts, config) if live_parts else (np.empty(0), np.empty(0))
+    kept = {item.index: result["kept"] for item, result in zip(readable, results)}
+    duplicates = deduplicate([(i, part_paths[i]) for i in sorted(part_paths)], sum(kept.values()), config.dedup,
+                             work / "dedup", config.ray.max_retries)
     dedup = Accounting()
-    dedup.drop("dedup", "exact_duplicate", len(exact))
-    dedup.drop("dedup", "minhash_duplicate", len(near))
+    dedup.drop("dedup", "exact_duplicate", duplicates.exact)
+    dedup.drop("dedup", "minhash_duplicate", duplicates.near)
     staging = work / "staging"
-    shards = write_shards(live_parts, np.union1d(exact, near), staging, config)
+    surviving = [(i, part_paths[i], kept[i] - removed_count(duplicates.removed, i)) for i in sorted(part_paths)]
+    shards = write_shards(surviving, duplicates.removed, staging, config)
 
     total = sum(accountings, Accounting()) + dedup
     filters = [f"filter_{f.kind}" for f in config.filters if f.enabled]
@@ -346,16 +327,12 @@ def _ingest_version(config: UltraCleanConfig, inputs: list[ResolvedInput], input
     return final, manifest, total
 
 
-def write_shards(part_paths: list[str], dropped_orders: np.ndarray, staging: Path,
+def write_shards(surviving: list[tuple[int, str, int]], removed: list[str], staging: Path,
                  config: UltraCleanConfig) -> list[dict]:
-    """Phase 3: every part's surviving documents, in run order, into shards of rows_per_shard (a task each)."""
-    part_orders = []
-    for path in part_paths:
-        orders = pq.read_table(path, columns=["order"])["order"].to_numpy()
-        part_orders.append((path, np.setdiff1d(orders, dropped_orders, assume_unique=True)))
+    """Phase 3: the surviving documents, in run order, into shards of rows_per_shard (a task each)."""
     (staging / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     config_data = config.model_dump(mode="json")
     task = write_shard.options(num_cpus=1, max_retries=config.ray.max_retries)
-    refs = [task.remote(plan, str(staging / SHARD_DIR / f"shard-{number:05d}.parquet"), config_data)
-            for number, plan in enumerate(plan_shards(part_orders, config.output.rows_per_shard))]
+    refs = [task.remote(plan, removed, str(staging / SHARD_DIR / f"shard-{number:05d}.parquet"), config_data)
+            for number, plan in enumerate(plan_shards(surviving, config.output.rows_per_shard))]
     return gather(refs, "emit: shards", labels=[f"shard {number}" for number in range(len(refs))])

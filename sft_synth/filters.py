@@ -32,10 +32,9 @@ from stages.base import Stage
 from stages.dedup import (
     DedupConfig,
     MinHasher,
-    band_duplicate_pairs,
-    cluster_duplicates,
     content_hash,
-    first_in_group,
+    duplicate_edges,
+    near_duplicates,
     normalize_for_dedup,
 )
 from stages.langid import LangIdConfig, LanguageIdentifier
@@ -273,13 +272,11 @@ def duplicates(keys: pl.DataFrame, config: DedupConfig) -> tuple[np.ndarray, np.
     keys: columns order (int64), content_hash (uint64), minhash_bands (list of uint64).
     """
     empty = np.empty(0, np.int64)
-    exact = np.sort(first_in_group(keys, "content_hash")["order"].to_numpy()) if config.exact else empty
+    exact = np.sort(duplicate_edges(keys, ["content_hash"])["order"].to_numpy()) if config.exact else empty
     near = empty
     if config.minhash.enabled and len(keys):
         remaining = keys.filter(~pl.col("order").is_in(exact))
-        frames = [
-            band_duplicate_pairs([remaining.select("order", pl.col("minhash_bands").list.get(band).alias("band"))])
-            for band in range(config.minhash.num_bands)
-        ]
-        near = cluster_duplicates(pl.concat(frames))
+        edges = [duplicate_edges(remaining.select("order", pl.col("minhash_bands").list.get(b).alias("key")), ["key"])
+                 for b in range(config.minhash.num_bands)]
+        near = near_duplicates(pl.concat(edges))
     return exact, near

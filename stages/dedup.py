@@ -2,9 +2,8 @@
 
 Per document (inside each input's task) we compute a content hash and MinHash band keys. Across the run, documents
 are grouped by content hash and by each band key; every group keeps its first document in run order (input file
-order, then record order), so the result does not depend on scheduling. Band grouping runs as one Ray task per band,
-like datatrove's bucket stage; the clustering of candidate pairs (union-find) runs once on the driver, like
-datatrove's cluster stage.
+order, then record order), so the result does not depend on scheduling. Near-duplicate groups of different bands
+are joined into components by min-label propagation, which runs on hash partitions (``pipelines/dedup.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +35,9 @@ class MinHashConfig(Strict):
 class DedupConfig(Strict):
     exact: bool = True
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
+    rows_per_partition: PositiveInt = Field(
+        4_000_000, description="band entries per dedup partition: memory per task, not per run, is what it bounds"
+    )
 
 
 def normalize_for_dedup(text: str) -> str:
@@ -77,32 +79,61 @@ class MinHasher:
         return [xxhash.xxh64_intdigest(band.tobytes()) for band in signature]
 
 
-def first_in_group(keys: pl.DataFrame, key: str) -> pl.DataFrame:
-    """Rows (``order``, ``representative``) for every document that is not the first of its ``key`` group."""
-    firsts = keys.group_by(key).agg(pl.col("order").min().alias("representative"))
-    joined = keys.join(firsts, on=key)
-    return joined.filter(pl.col("order") != pl.col("representative")).select("order", "representative")
+def duplicate_edges(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """(``order``, ``first``) for every document that is not the first (lowest order) of its group of equal keys."""
+    with_first = frame.select("order", pl.col("order").min().over(keys).alias("first"))
+    return with_first.filter(pl.col("order") != pl.col("first"))
 
 
-def band_duplicate_pairs(band_frames: list[pl.DataFrame]) -> pl.DataFrame:
-    """Candidate pairs for one band: each document with a colliding band key, paired with the group's first."""
-    frame = pl.concat(band_frames) if band_frames else pl.DataFrame(schema={"order": pl.Int64, "band": pl.UInt64})
-    return first_in_group(frame, "band")
+# Connected components by min-label propagation: every document starts labelled with itself, and each round every
+# edge offers its source's label to its destination, which keeps the smallest it has seen. When no label changes,
+# each document's label is the earliest document of its component, the one the component keeps (the same answer as
+# union-find with the earliest document as root). A round is a join and a group-by over edges and labels, so it runs
+# on hash partitions of them without any process holding the whole graph (pipelines/dedup.py); ``components`` is
+# the same loop on one partition, for data that fits in memory.
+
+EDGES_SCHEMA = {"src": pl.Int64, "dst": pl.Int64}
+LABELS_SCHEMA = {"node": pl.Int64, "label": pl.Int64}
 
 
-def cluster_duplicates(pairs: pl.DataFrame) -> np.ndarray:
-    """Union-find over candidate pairs; returns the orders of every document that is not its cluster's first."""
-    parent: dict[int, int] = {}
+def undirected(edges: pl.DataFrame) -> pl.DataFrame:
+    """Duplicate edges (order, first) in both directions, as (src, dst), without repeats."""
+    forward = edges.select(pl.col("order").alias("src"), pl.col("first").alias("dst"))
+    backward = edges.select(pl.col("first").alias("src"), pl.col("order").alias("dst"))
+    return pl.concat([forward, backward]).unique()
 
-    def root(x: int) -> int:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
 
-    for order, representative in pairs.iter_rows():
-        a, b = root(order), root(representative)
-        if a != b:
-            parent[max(a, b)] = min(a, b)  # the earliest document roots the cluster
-    return np.array(sorted(x for x in parent if root(x) != x), dtype=np.int64)
+def offer_labels(edges: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+    """Each edge's destination, with the label its source has now: (node, label) offers."""
+    return edges.join(labels, left_on="src", right_on="node").select(pl.col("dst").alias("node"), "label")
+
+
+def take_smallest(labels: pl.DataFrame, offers: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Every node's smallest label among its own and the offers; and how many labels went down."""
+    merged = pl.concat([labels, offers]).group_by("node").agg(pl.col("label").min())
+    changed = merged.join(labels, on="node", how="left", suffix="_before").filter(
+        pl.col("label_before").is_null() | (pl.col("label") < pl.col("label_before"))
+    ).height
+    return merged, changed
+
+
+def components(edges: pl.DataFrame) -> pl.DataFrame:
+    """(node, label) for every node of the duplicate edges (order, first): label = its component's earliest."""
+    graph = undirected(edges)
+    labels = graph.select(pl.col("src").alias("node"), pl.col("src").alias("label")).unique()
+    changed = 1
+    while changed:
+        labels, changed = take_smallest(labels, offer_labels(graph, labels))
+    return labels
+
+
+def near_duplicates(edges: pl.DataFrame) -> np.ndarray:
+    """The orders of every document that is not the earliest of its near-duplicate component."""
+    labels = components(edges).filter(pl.col("node") != pl.col("label"))
+    return np.sort(labels["node"].to_numpy())
+
+
+def partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
+    """A hash partition per value (Fibonacci hashing, so sequential ids and raw hashes spread alike)."""
+    mixed = np.asarray(values).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return ((mixed >> np.uint64(32)) % np.uint64(partitions)).astype(np.int64)

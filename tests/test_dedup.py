@@ -50,3 +50,74 @@ def test_duplicate_rate_follows_the_banding_curve_around_its_threshold():
     assert observed_matches_predicted(similarity > threshold + 0.15) and collided[similarity > 0.9].mean() > 0.95
     below, above = collided[near & (similarity < threshold)].mean(), collided[near & (similarity > threshold)].mean()
     assert below < 0.6 < above  # the rate crosses one half at the threshold bands x rows imply
+
+
+# --- components across partitions against plain union-find --------------------------------------------------------
+
+
+def _union_find_duplicates(rows: list[tuple[int, int, list[int]]]) -> tuple[set[int], set[int]]:
+    """The reference, written apart from the code under test: exact duplicates by content hash (first kept), then
+    union-find over documents sharing a band key, the earliest document of each cluster kept."""
+    first_by_hash, exact = {}, set()
+    for order, digest, _ in sorted(rows):
+        if digest in first_by_hash:
+            exact.add(order)
+        else:
+            first_by_hash[digest] = order
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    first_by_key: dict[tuple[int, int], int] = {}
+    for order, _, bands in sorted(rows):
+        if order in exact:
+            continue
+        for band, key in enumerate(bands):
+            other = first_by_key.setdefault((band, key), order)
+            a, b = root(order), root(other)
+            parent[max(a, b)] = min(a, b)
+    near = {x for x in parent if root(x) != x}
+    return exact, near
+
+
+def test_partitioned_components_find_the_same_clusters_as_union_find(ray_local, tmp_path):
+    import polars as pl
+
+    from pipelines.dedup import ORDER_BITS, deduplicate, removed_orders
+    from stages.dedup import DedupConfig
+
+    rng = np.random.default_rng(7)
+    bands = 6
+    rows = []
+    for part in range(3):
+        for record in range(400):
+            rows.append(((part << ORDER_BITS) | record, int(rng.integers(1 << 40)),
+                         [int(k) for k in rng.integers(1 << 60, size=bands)]))
+    # plant structure: exact copies, near-duplicate pairs, and chains that only connect across bands and parts
+    for i in range(0, 300, 7):
+        target = rows[(i * 13) % len(rows)]
+        rows[i] = (rows[i][0], target[1], rows[i][2])  # exact duplicate of another document
+    for i in range(5, 1200, 11):
+        a, b, c = rows[i], rows[(i + 401) % len(rows)], rows[(i + 802) % len(rows)]
+        b[2][i % bands] = a[2][i % bands]  # a ~ b on one band
+        c[2][(i + 1) % bands] = b[2][(i + 1) % bands]  # b ~ c on another: a, b, c one cluster
+    parts = []
+    for part in range(3):
+        path = tmp_path / f"part-{part}.parquet"
+        mine = [r for r in rows if r[0] >> ORDER_BITS == part]
+        pl.DataFrame({"order": [r[0] for r in mine], "content_hash": [r[1] for r in mine],
+                      "minhash_bands": [r[2] for r in mine]},
+                     schema={"order": pl.Int64, "content_hash": pl.UInt64,
+                             "minhash_bands": pl.List(pl.UInt64)}).write_parquet(path)
+        parts.append((part, str(path)))
+    config = DedupConfig.model_validate({"minhash": {"num_bands": bands, "rows_per_band": 1},
+                                         "rows_per_partition": 1500})  # 1,200 docs x 6 bands -> 5 partitions
+    result = deduplicate(parts, len(rows), config, tmp_path / "work", max_retries=0)
+    exact, near = _union_find_duplicates(rows)
+    found = {int(o) for part, _ in parts for o in removed_orders(result.removed, part)}
+    assert result.partitions == 5 and result.rounds >= 3
+    assert (result.exact, result.near) == (len(exact), len(near)) and found == exact | near
+    assert len(exact) > 20 and len(near) > 150
