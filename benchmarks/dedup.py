@@ -15,6 +15,7 @@ grows: more partitions, not bigger ones.
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def synthesize(total: int, directory: Path, seed: int = 0) -> tuple[list[tuple[i
     while start < len(grouped):
         size = int(rng.integers(2, 7))
         group = np.sort(grouped[start : start + size])
-        for previous, member in zip(group[:-1], group[1:]):
+        for previous, member in itertools.pairwise(group):
             band = int(rng.integers(BANDS))
             bands[member, band] = bands[previous, band]
         near += len(group) - 1

@@ -10,6 +10,7 @@ per-source counts.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -28,12 +29,14 @@ from core.versions import resolve_parquet_files
 from model.tokenizer import eos_id
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """A dataset version, dataset root, Parquet file or glob (documents in ``text_column``), or a plain-text file
-    whose documents are separated by blank lines."""
+    """A dataset version, dataset root, Parquet file or glob (documents in ``text_column``), a JSON-lines file
+    (``.jsonl``, ``.jsonl.gz``: documents in the ``text_column`` field), or a plain-text file whose documents are
+    separated by blank lines."""
 
     path: str
     ratio: float = 1.0
@@ -41,7 +44,7 @@ class DataSource:
 
     def files(self) -> list[Path]:
         path = Path(self.path)
-        if path.suffix in TEXT_SUFFIXES:
+        if path.suffix in TEXT_SUFFIXES or path.name.endswith(JSONL_SUFFIXES):
             if not path.is_file():
                 raise FileNotFoundError(f"text source {path} does not exist")
             return [path]
@@ -51,6 +54,8 @@ class DataSource:
         for file in self.files():
             if file.suffix in TEXT_SUFFIXES:
                 yield from _blank_line_documents(file)
+            elif file.name.endswith(JSONL_SUFFIXES):
+                yield from _jsonl_documents(file, self.text_column)
             else:
                 parquet = pq.ParquetFile(file)
                 if self.text_column not in parquet.schema_arrow.names:
@@ -59,6 +64,18 @@ class DataSource:
                     )
                 for batch in parquet.iter_batches(batch_size=1024, columns=[self.text_column]):
                     yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row.get(field), str):
+                    raise KeyError(f"{path}:{number} has no string field {field!r}")
+                if row[field]:
+                    yield row[field]
 
 
 def _blank_line_documents(path: Path) -> Iterator[str]:

@@ -34,6 +34,7 @@ from stages.classifier import (
 )
 from stages.seeds import SeedPoolError
 from verification.config import Candidate
+from verification.decide import UNDERPOWERED
 
 COMMAND_STEPS = {
     "ingest": "ingest",
@@ -46,7 +47,7 @@ COMMAND_STEPS = {
 
 
 class VerificationRejected(ValueError):
-    """Verification kept none of the positive seed sources: there is nothing trustworthy to train on."""
+    """Verification kept none of the positive seed sources, or could not decide: nothing trustworthy to train on."""
 
 
 def seed_candidates(config: UltraCleanConfig, base_dir: Path) -> list[Candidate]:
@@ -66,6 +67,13 @@ def verify_seed_sources(config: UltraCleanConfig, base_dir: Path) -> ClassifierC
     candidates = seed_candidates(config, base_dir)
     result = verify(config.verification.resolve_paths(base_dir), candidates)
     print(format_decisions(result))
+    underpowered = [name for name, decision in result.decisions.items() if decision.verdict == UNDERPOWERED]
+    if underpowered:
+        raise VerificationRejected(
+            f"verification could not decide on the seed sources {underpowered}: their intervals are wider than "
+            f"2 x decision.min_effect ({config.verification.decision.min_effect}), so training on them would be "
+            "training on unverified seeds; give the verification more power (evaluation max_sequences, anneal "
+            f"decay_steps or seeds, a larger proxy) or a larger min_effect; see {result.report_path}")
     sources = config.classifier.seeds.positive.sources
     kept = [source for source, candidate in zip(sources, candidates) if candidate.name in result.kept]
     if not kept:

@@ -24,13 +24,16 @@ from core.runtime import ensure_ray, gather
 from model.train import TrainConfig
 from verification.anneal import AnnealRun, check_candidate_size, run_anneal
 from verification.config import BASELINE, Candidate, Resources, VerificationConfig, load_verification_config
+from verification.controls import control_for
 from verification.decide import KEEP, Decision, decide
+from verification.overlap import check_independence
 from verification.report import write_report
 from verification.stage1 import (
     Stage1Checkpoint,
     Stage1Mismatch,
     find_stage1,
     plan_stage1,
+    source_fingerprint,
     train_stage1,
 )
 
@@ -83,26 +86,30 @@ class VerificationResult:
 
 
 def verify(config: VerificationConfig, candidates: list[Candidate] | None = None) -> VerificationResult:
-    """Verify config.candidates (or the given ones) against the baseline anneal; Ray must be reachable."""
+    """Verify config.candidates (or the given ones), each beside its own shuffled control, against the baseline
+    anneal; Ray must be reachable."""
     started = time.perf_counter()
     candidates = config.candidates if candidates is None else candidates
     if not candidates:
         raise ValueError("nothing to verify: no candidates")
+    check_independence(config, candidates)
     ensure_ray()
     stage1 = ensure_stage1(config)
-    for candidate in candidates:
+    controls_dir = Path(config.work_dir).resolve() / "controls"
+    controls = {c.name: control_for(c, source_fingerprint(c.path, c.text_column), controls_dir) for c in candidates}
+    for candidate in [*candidates, *controls.values()]:
         check_candidate_size(config, candidate, stage1)
     runs = [AnnealRun.baseline(config, seed) for seed in config.anneal.seeds]
-    runs += [AnnealRun.for_candidate(config, c, seed) for c in candidates for seed in config.anneal.seeds]
+    runs += [AnnealRun.for_candidate(config, c, seed) for c in [*candidates, *controls.values()]
+             for seed in config.anneal.seeds]
     refs = [anneal_task.options(**task_options(run.resources)).remote(run, config, stage1) for run in runs]
     records = gather(refs, "anneal", labels=[f"{run.name} seed {run.seed}" for run in runs])
-    baseline = {r["seed"]: r["metrics"] for r in records if r["name"] == BASELINE}
-    decisions = {
-        c.name: decide(
-            c.name, {r["seed"]: r["metrics"] for r in records if r["name"] == c.name}, baseline, config.decision
-        )
-        for c in candidates
-    }
+
+    def units_of(name: str) -> dict[int, dict]:
+        return {r["seed"]: r["units"] for r in records if r["name"] == name}
+
+    decisions = {c.name: decide(c.name, units_of(c.name), units_of(BASELINE), units_of(controls[c.name].name),
+                                config.decision) for c in candidates}
     report_key = hashlib.sha256(
         canonical_json([r["directory"] for r in records] + [config.decision.model_dump()]).encode()
     ).hexdigest()[:16]
@@ -112,11 +119,13 @@ def verify(config: VerificationConfig, candidates: list[Candidate] | None = None
             "stage1": {"key": stage1.key, "checkpoint": str(stage1.checkpoint_dir), "reused": not stage1.trained,
                        "steps": stage1.record["steps"], "tokens": stage1.record["tokens"]},
             "candidates": [c.model_dump() for c in candidates],
+            "controls": {name: control.model_dump() for name, control in controls.items()},
             "anneal": config.anneal.model_dump(),
             "decision_rule": config.decision.model_dump(),
         },
         runs=records,
         decisions=decisions,
+        rule=config.decision,
     )
     return VerificationResult(decisions, stage1, records, report_path, time.perf_counter() - started)
 
@@ -124,8 +133,7 @@ def verify(config: VerificationConfig, candidates: list[Candidate] | None = None
 def format_decisions(result: VerificationResult) -> str:
     lines = [f"stage 1 {result.stage1.key}: {'reused' if not result.stage1.trained else 'trained'}"]
     for name, decision in result.decisions.items():
-        seeds = ", ".join(f"{v:+.4f}" for v in decision.improvements.values())
-        lines.append(f"{name:<24} {decision.verdict:<13} {decision.metric} per seed [{seeds}]")
+        lines.append(f"{name:<24} {decision.verdict:<13} {decision.reason}")
     lines.append(f"report: {result.report_path} ({result.seconds:.1f} s)")
     return "\n".join(lines)
 

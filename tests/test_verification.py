@@ -6,6 +6,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,8 +18,10 @@ from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from pipelines.verify import verify
 from verification.anneal import CandidateTooSmall
 from verification.config import DecisionConfig, ReferenceSet, parse_verification_config
-from verification.decide import INCONCLUSIVE, KEEP, REJECT, decide
+from verification.controls import shuffle_within_lines
+from verification.decide import INCONCLUSIVE, KEEP, REJECT, UNDERPOWERED, decide, paired_interval
 from verification.evaluate import choice_logprobs, reference_loss, reference_windows
+from verification.overlap import check_independence
 from verification.report import CURVES_NAME, DELTAS_NAME
 from verification.stage1 import Stage1Mismatch
 
@@ -97,7 +100,7 @@ def config_dict(work_dir: Path, pools: dict, **overrides) -> dict:
             ],
             "mmlu": {"path": str(DATA / "bench" / "mmlu" / "dev"), "max_items": 8},
         },
-        "decision": {"metric": "loss:wikitext", "min_effect": 0.03, "spread_multiple": 2.0},
+        "decision": {"metric": "loss:wikitext", "min_effect": 0.03},
     }
     config.update(overrides)
     return config
@@ -116,18 +119,21 @@ def test_real_prose_is_kept_and_broken_text_is_not(verified):
     decisions = result.decisions
     assert decisions["wiki"].verdict == KEEP, decisions["wiki"].reason
     assert decisions["web"].verdict == REJECT, decisions["web"].reason
-    # Shuffled words keep WikiText's vocabulary, which at this proxy size is worth about as much as the syntax
-    # they lose: never kept, and below real prose on every seed by more than the noise.
+    # Shuffled words keep WikiText's vocabulary, which at this proxy size is worth much of what the syntax adds: it
+    # may beat the baseline, but never its own control (a shuffle of a shuffle), so it is never kept; and it stays
+    # below real prose on every seed by more than the noise.
     shuffled = decisions["wiki-shuffled"]
-    assert shuffled.verdict != KEEP, shuffled.reason
+    assert shuffled.verdict != KEEP and shuffled.versus_control.low <= 0, shuffled.reason
     for seed in config.anneal.seeds:
-        assert decisions["wiki"].improvements[seed] - shuffled.improvements[seed] > 0.05
+        assert decisions["wiki"].versus_baseline.per_seed[seed] - shuffled.versus_baseline.per_seed[seed] > 0.05
+    assert decisions["wiki"].versus_control.low > 0
     assert result.kept == ["wiki"]
 
     report = json.loads(result.report_path.read_text())
     assert report["decisions"]["web"]["verdict"] == REJECT
-    assert set(report["deltas"]["wiki"]) == {"loss:wikitext", "loss:gsm8k", "reference_loss", "mmlu_accuracy"}
-    assert len(report["curves"]) == 4 * len(config.anneal.seeds)
+    assert set(report["controls_vs_baseline"]) == {"wiki", "wiki-shuffled", "web"}  # each control beside its candidate
+    assert set(report["deltas"]["wiki.control"]) == {"loss:wikitext", "loss:gsm8k", "reference_loss", "mmlu_accuracy"}
+    assert len(report["curves"]) == 7 * len(config.anneal.seeds)  # baseline + 3 candidates + 3 controls
     for name in (CURVES_NAME, DELTAS_NAME):
         assert (result.report_path.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every anneal used the same budget, and every candidate run really held the candidate at its ratio.
@@ -141,7 +147,7 @@ def test_stage1_is_trained_once_and_reused(verified, pools):
     assert not again.stage1.trained and again.stage1.key == first.stage1.key
     assert len(list((Path(config.work_dir) / "stage1").iterdir())) == 1
     assert {d.verdict for d in again.decisions.values()} == {d.verdict for d in first.decisions.values()}
-    assert again.decisions["wiki"].improvements == first.decisions["wiki"].improvements
+    assert again.decisions["wiki"] == first.decisions["wiki"]  # reused runs, seeded bootstrap: the same intervals
 
 
 def test_changed_base_mix_retrains_and_a_mismatched_checkpoint_is_refused(pools, tmp_path, ray_local):
@@ -171,25 +177,65 @@ def test_changed_base_mix_retrains_and_a_mismatched_checkpoint_is_refused(pools,
             config_dict(tmp_path, pools, **{**cheap, "candidates": too_small})).candidates)
 
 
-def test_decision_rule_on_hand_computed_deltas():
-    rule = DecisionConfig(metric="reference_loss", min_effect=0.01, spread_multiple=2.0)
-    base = {0: {"reference_loss": 5.0}, 1: {"reference_loss": 5.1}, 2: {"reference_loss": 4.9}}
+def _runs(values: np.ndarray, metric: str = "loss:ref") -> dict[int, dict]:
+    """seed -> unit values, from an array [seeds, units]."""
+    return {seed: {metric: row.tolist()} for seed, row in enumerate(values)}
 
-    def losses(*values):
-        return {s: {"reference_loss": v} for s, v in enumerate(values)}
 
-    kept = decide("a", losses(4.9, 5.0, 4.8), base, rule)  # improvements 0.1, 0.1, 0.1: std 0
-    assert kept.verdict == KEEP and kept.mean == pytest.approx(0.1) and kept.std == pytest.approx(0.0)
-    assert decide("b", losses(5.2, 5.3, 5.1), base, rule).verdict == REJECT
-    # improvements 0.3, 0.02, 0.02: all beyond min_effect but mean 0.113 < 2 std (2 x 0.1617)
-    noisy = decide("c", losses(4.7, 5.08, 4.88), base, rule)
-    assert noisy.std == pytest.approx(math.sqrt(((0.3 - 0.34 / 3) ** 2 + 2 * (0.02 - 0.34 / 3) ** 2) / 2))
-    assert noisy.verdict == INCONCLUSIVE
-    assert decide("d", losses(4.9, 5.2, 4.8), base, rule).verdict == INCONCLUSIVE  # seeds disagree
-    accuracy = DecisionConfig(metric="mmlu_accuracy", min_effect=0.0, spread_multiple=0.0)
-    higher = {s: {"mmlu_accuracy": 0.5} for s in (0, 1)}
-    lower = {s: {"mmlu_accuracy": 0.25} for s in (0, 1)}
-    assert decide("e", higher, lower, accuracy).verdict == KEEP
+def test_constant_paired_differences_give_a_point_interval():
+    rule = DecisionConfig(metric="loss:ref", min_effect=0.01)
+    baseline = np.random.default_rng(0).normal(5.0, 0.3, size=(3, 64))
+    interval = paired_interval("loss:ref", _runs(baseline - 0.05), _runs(baseline), rule)
+    assert interval.estimate == pytest.approx(0.05) and interval.low == pytest.approx(0.05)
+    assert interval.high == pytest.approx(0.05) and interval.per_seed == pytest.approx({0: 0.05, 1: 0.05, 2: 0.05})
+
+
+def test_interval_width_is_the_standard_error_of_the_paired_mean():
+    """Differences of mean 0.02 and standard deviation 0.1 over 3 seeds x 400 windows: the 95% interval is the mean
+    plus or minus 1.96 standard errors, 1.96 x 0.1 / sqrt(1200) = 0.0057 (within the bootstrap's own error)."""
+    rng = np.random.default_rng(1)
+    baseline = rng.normal(5.0, 0.5, size=(3, 400))
+    candidate = baseline - rng.normal(0.02, 0.1, size=(3, 400))
+    interval = paired_interval("loss:ref", _runs(candidate), _runs(baseline), DecisionConfig(metric="loss:ref"))
+    assert interval.half_width == pytest.approx(1.96 * 0.1 / math.sqrt(1200), rel=0.25)
+    assert interval.low < interval.estimate < interval.high and abs(interval.estimate - 0.02) < 0.01
+
+
+def test_verdicts_follow_the_intervals_and_the_control():
+    rule = DecisionConfig(metric="loss:ref", min_effect=0.01)
+    rng = np.random.default_rng(2)
+    baseline = rng.normal(5.0, 0.3, size=(2, 256))
+
+    def noisy(shift: float, sd: float = 0.02) -> dict[int, dict]:
+        return _runs(baseline - shift - rng.normal(0, sd, size=baseline.shape))
+
+    assert decide("good", noisy(0.05), _runs(baseline), noisy(0.0), rule).verdict == KEEP
+    # as good as its own control: only its words help, so it is rejected however well it does against the baseline
+    same_as_control = decide("words", noisy(0.05), _runs(baseline), noisy(0.05), rule)
+    assert same_as_control.verdict == REJECT and same_as_control.versus_baseline.low > 0
+    assert "only its words help" in same_as_control.reason
+    assert decide("bad", noisy(-0.05), _runs(baseline), noisy(-0.05), rule).verdict == REJECT
+    # no effect either way, resolved, and a control that is worse: neither keep nor reject
+    assert decide("flat", noisy(0.0), _runs(baseline), noisy(-0.05), rule).verdict == INCONCLUSIVE
+    wide = decide("noise", noisy(0.005, sd=0.5), _runs(baseline), noisy(0.0, sd=0.5), rule)
+    assert wide.verdict == UNDERPOWERED and wide.versus_baseline.half_width > rule.min_effect, wide.reason
+    accuracy = DecisionConfig(metric="mmlu_accuracy", min_effect=0.05)
+    right = {s: {"mmlu_accuracy": [1.0] * 60 + [0.0] * 40} for s in (0, 1)}
+    wrong = {s: {"mmlu_accuracy": [1.0] * 30 + [0.0] * 70} for s in (0, 1)}
+    assert decide("mmlu", right, wrong, wrong, accuracy).verdict == KEEP  # higher accuracy is better
+
+
+def test_controls_and_graded_series_shuffle_within_lines_only():
+    rng = random.Random(0)
+    text = "the cat sat on the mat\n\nand then it slept all day\n红楼梦是中国古典小说"
+    shuffled = shuffle_within_lines(text, rng)
+    for before, after in zip(text.split("\n"), shuffled.split("\n")):
+        assert sorted(before) == sorted(after)  # the same characters (and, where spaced, the same words)
+        assert " " not in before or sorted(before.split()) == sorted(after.split())
+    assert shuffled != text and shuffled.split("\n")[1] == ""
+    lines = [f"line {i} has a few words in it for shuffling" for i in range(200)]
+    half = shuffle_within_lines("\n".join(lines), random.Random(1), share=0.5).split("\n")
+    assert sum(a != b for a, b in zip(lines, half)) == pytest.approx(100, abs=20)  # each line at p = 0.5
 
 
 def tiny_model(vocab: int = 300, seed: int = 0) -> MiniCPMForCausalLM:
@@ -239,12 +285,31 @@ def test_config_errors_name_the_key(pools, tmp_path):
         parse_verification_config({**good, "candidates": [{"name": "baseline", "path": pools["wiki"]}]})
 
 
-def test_shipped_config_validates():
+def test_reference_sets_that_overlap_a_training_mix_are_refused(pools, tmp_path):
+    config = parse_verification_config(config_dict(tmp_path, pools))
+    candidates = config.candidates
+    same_file = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"reference_sets": [
+        ReferenceSet(name="leak", path=pools["wiki_base"])]})})
+    with pytest.raises(ConfigError, match=r"leak is the same file as the base_mix source .*wiki_base"):
+        check_independence(same_file, candidates)
+    shared = write_parquet(tmp_path / "shared.parquet", pq.read_table(pools["wiki"])["content"].to_pylist()[5:9])
+    overlapping = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"reference_sets": [
+        ReferenceSet(name="copied", path=shared)]})})
+    with pytest.raises(ConfigError, match=r"copied shares 4 document\(s\) with the candidate wiki"):
+        check_independence(overlapping, candidates)
+    check_independence(config, candidates)  # WikiText test shares no document with the training text
+
+
+@pytest.mark.parametrize("name", ["verify-tiny.yaml", "verify-cpu.yaml", "verify-0.5b.yaml"])
+def test_shipped_configs_validate_and_keep_references_out_of_the_training_mix(name, tmp_path):
     from verification.config import load_verification_config
 
-    config = load_verification_config(Path(__file__).resolve().parents[1] / "configs" / "verify-tiny.yaml")
-    assert Path(config.base_mix[0].path).is_file()
+    config = load_verification_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    config = config.model_copy(update={"work_dir": str(tmp_path)})
     assert config.anneal.candidate_ratio == 0.3
+    if name != "verify-0.5b.yaml":  # the GPU config names the user's data
+        assert all(Path(s.path).exists() for s in config.base_mix)
+        check_independence(config, config.candidates)
 
 
 def test_ultraclean_job_trains_the_classifier_on_verified_seeds_only(verified, pools, tmp_path):
@@ -279,3 +344,28 @@ def test_verify_seeds_step_needs_its_sections():
     with pytest.raises(ConfigError, match="verify_seeds step needs a verification section"):
         parse_config({"steps": ["verify_seeds", "train_classifier"], "classifier": {
             "seeds": {"positive": {"sources": [{"path": "a.txt"}]}, "negative": {"sources": [{"path": "b.txt"}]}}}})
+
+
+def test_underpowered_verification_stops_the_ultraclean_job_before_training(monkeypatch, pools, tmp_path):
+    """An underpowered verdict is no verdict: the job must not go on to train on seeds it could not verify."""
+    from types import SimpleNamespace
+
+    from pipelines import ultraclean
+    from pipelines.config import parse_config
+    from verification.decide import Decision, Interval
+
+    wide = Interval(0.01, -0.2, 0.22, {0: 0.01, 1: 0.01})
+    decisions = {"wiki": Decision("wiki", UNDERPOWERED, "loss:wikitext", wide, wide, "intervals too wide")}
+    monkeypatch.setattr(ultraclean, "verify", lambda config, candidates: SimpleNamespace(
+        decisions=decisions, kept=[], report_path=tmp_path / "report.json"))
+    monkeypatch.setattr(ultraclean, "format_decisions", lambda result: "")
+    job = parse_config({
+        "steps": ["verify_seeds", "train_classifier"],
+        "classifier": {"output_root": str(tmp_path / "classifiers"),
+                       "seeds": {"positive": {"sources": [{"path": pools["wiki"]}]},
+                                 "negative": {"sources": [{"path": pools["web"]}]}}},
+        "verification": config_dict(tmp_path, pools),
+    })
+    with pytest.raises(ultraclean.VerificationRejected, match=r"could not decide on the seed sources \['wiki'\]"):
+        ultraclean.run_steps(job, tmp_path, job.steps)
+    assert not (tmp_path / "classifiers").exists()

@@ -24,7 +24,7 @@ from model.minicpm import MiniCPMForCausalLM
 from model.tokenizer import load_tokenizer
 from model.train import TrainConfig, pick_device, train
 from verification.config import BASELINE, Candidate, Resources, VerificationConfig
-from verification.evaluate import Evaluator
+from verification.evaluate import Evaluator, summarize
 from verification.stage1 import Stage1Checkpoint, source_fingerprint
 
 METRICS_NAME = "metrics.json"
@@ -158,7 +158,7 @@ def run_anneal(run: AnnealRun, config: VerificationConfig, stage1: Stage1Checkpo
     device = pick_device(config.proxy.device)
     model = MiniCPMForCausalLM.from_pretrained(result.checkpoint_dir, dtype=torch.float32, device=device)
     evaluator = Evaluator(config.evaluation, load_tokenizer(result.checkpoint_dir), config.proxy.seq_len)
-    metrics = evaluator.evaluate(model, device=device, precision=config.proxy.precision)
+    units = evaluator.evaluate(model, device=device, precision=config.proxy.precision)
     log = json.loads(result.loss_log_path.read_text())
     record = {
         "name": run.name,
@@ -166,7 +166,8 @@ def run_anneal(run: AnnealRun, config: VerificationConfig, stage1: Stage1Checkpo
         "directory": str(out_dir),
         "checkpoint": str(result.checkpoint_dir),
         "tokens": result.tokens,
-        "metrics": metrics,
+        "metrics": summarize(units),
+        "units": units,
         "curve": [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in log["train"]],
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - started,

@@ -44,6 +44,8 @@ class Candidate(Strict):
     def _not_baseline(cls, name: str) -> str:
         if name == BASELINE:
             raise ValueError(f"{BASELINE!r} names the base-mix-only anneal; pick another candidate name")
+        if name.endswith(".control"):
+            raise ValueError(f"{name!r}: names ending in .control are the automatic controls'")
         return name
 
 
@@ -130,17 +132,19 @@ class EvaluationConfig(Strict):
 
 
 class DecisionConfig(Strict):
-    """keep: every seed improves the metric by more than min_effect, and the mean improvement exceeds
-    spread_multiple standard deviations of the per-seed deltas. reject: the same with "worsens". Else inconclusive.
-    """
+    """Verdicts from paired-bootstrap confidence intervals of the improvement (verification/decide.py):
+    keep: better than the baseline (interval above zero) and than the candidate's own shuffled control by more than
+    min_effect; reject: worse than the baseline, or no better than the control by min_effect; underpowered: else, an
+    interval wider than 2 x min_effect; inconclusive: resolved, neither."""
 
     metric: str = Field(
         MEAN_REFERENCE_LOSS,
         description=f"{MEAN_REFERENCE_LOSS!r} (mean over reference sets), 'loss:<reference set name>', "
         f"or {MMLU_ACCURACY!r}",
     )
-    min_effect: float = Field(0.01, ge=0, description="in the metric's unit (nats/token or accuracy)")
-    spread_multiple: float = Field(2.0, ge=0)
+    min_effect: float = Field(0.01, gt=0, description="the smallest effect that matters, in the metric's unit")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="of the two-sided bootstrap intervals")
+    bootstrap: PositiveInt = Field(2000, ge=200, description="resamples (over seeds, then sequences within a seed)")
 
 
 class VerificationConfig(Strict):

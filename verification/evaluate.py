@@ -9,8 +9,6 @@ highest wins; length normalisation (mean per token) keeps long answers from losi
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from model.data import TEXT_SUFFIXES, DataSource
+from model.data import DataSource
 from model.minicpm import MiniCPMForCausalLM
 from model.tokenizer import eos_id
 from model.train import autocast_context
@@ -30,20 +28,8 @@ CHOICE_LETTERS = "ABCD"
 
 
 def reference_documents(reference: ReferenceSet) -> Iterator[str]:
-    path = Path(reference.path)
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if reference.field not in row:
-                        raise KeyError(f"{path}:{line_number} has no field {reference.field!r}")
-                    yield row[reference.field]
-    elif path.suffix in TEXT_SUFFIXES:
-        yield from DataSource(str(path)).documents()
-    else:
-        yield from DataSource(str(path), text_column=reference.field).documents()
+    """A reference set's documents: blank-line paragraphs of a text file, or the ``field`` of JSONL/Parquet rows."""
+    yield from DataSource(reference.path, text_column=reference.field).documents()
 
 
 def reference_windows(reference: ReferenceSet, tokenizer: Tokenizer, seq_len: int) -> torch.Tensor:
@@ -68,17 +54,25 @@ def reference_windows(reference: ReferenceSet, tokenizer: Tokenizer, seq_len: in
 
 
 @torch.no_grad()
-def reference_loss(
+def sequence_losses(
     model: MiniCPMForCausalLM, windows: torch.Tensor, *, batch_size: int, device: torch.device, precision: str
-) -> float:
-    """Mean next-token loss (nats/token) over every predicted token of the windows."""
-    total = 0.0
+) -> np.ndarray:
+    """Mean next-token loss (nats/token) of each window: the unit that paired comparisons resample."""
+    losses = []
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size].to(device)
         with autocast_context(device, precision):
             logits = model(batch[:, :-1]).logits
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
+        per_token = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        losses.append(per_token.view(len(batch), -1).mean(dim=1).double().cpu().numpy())
+    return np.concatenate(losses)
+
+
+def reference_loss(
+    model: MiniCPMForCausalLM, windows: torch.Tensor, *, batch_size: int, device: torch.device, precision: str
+) -> float:
+    """Mean next-token loss (nats/token) over every predicted token of the windows (all of equal length)."""
+    return float(sequence_losses(model, windows, batch_size=batch_size, device=device, precision=precision).mean())
 
 
 @dataclass(frozen=True)
@@ -155,7 +149,7 @@ def choice_logprobs(
     return scores
 
 
-def choice_accuracy(
+def choice_correct(
     model: MiniCPMForCausalLM,
     tokenizer: Tokenizer,
     items: list[ChoiceItem],
@@ -164,8 +158,9 @@ def choice_accuracy(
     max_len: int,
     device: torch.device,
     precision: str,
-) -> float:
-    correct = 0
+) -> np.ndarray:
+    """1.0 for each item answered right, else 0.0 (the mean is the accuracy)."""
+    correct = []
     for item in items:
         context = tokenizer.encode(choice_prompt(item), add_special_tokens=False).ids
         continuations = [tokenizer.encode(" " + c, add_special_tokens=False).ids or [eos_id(tokenizer)]
@@ -174,8 +169,8 @@ def choice_accuracy(
             model, context, continuations, max_len=max_len, device=device, precision=precision
         )
         values = [total / n if length_normalized else total for total, n in scores]
-        correct += int(int(np.argmax(values)) == item.answer)
-    return correct / len(items)
+        correct.append(float(int(np.argmax(values)) == item.answer))
+    return np.array(correct)
 
 
 class Evaluator:
@@ -187,19 +182,19 @@ class Evaluator:
         self.windows = {ref.name: reference_windows(ref, tokenizer, seq_len) for ref in config.reference_sets}
         self.mmlu = load_mmlu(config.mmlu) if config.mmlu is not None else []
 
-    def evaluate(self, model: MiniCPMForCausalLM, *, device: torch.device, precision: str) -> dict[str, float]:
-        """Metrics by name: ``loss:<reference set>``, their mean ``reference_loss``, ``mmlu_accuracy``."""
+    def evaluate(self, model: MiniCPMForCausalLM, *, device: torch.device, precision: str) -> dict[str, list[float]]:
+        """Per metric, its value on every unit: ``loss:<reference set>`` per window, ``mmlu_accuracy`` per item
+        (0 or 1). Baseline and candidate runs see the same units in the same order, so they pair up."""
         was_training = model.training
         model.eval()
-        metrics = {
-            f"loss:{name}": reference_loss(
+        units = {
+            f"loss:{name}": sequence_losses(
                 model, windows, batch_size=self.config.batch_size, device=device, precision=precision
-            )
+            ).tolist()
             for name, windows in self.windows.items()
         }
-        metrics[MEAN_REFERENCE_LOSS] = float(np.mean(list(metrics.values())))
         if self.mmlu:
-            metrics[MMLU_ACCURACY] = choice_accuracy(
+            units[MMLU_ACCURACY] = choice_correct(
                 model,
                 self.tokenizer,
                 self.mmlu,
@@ -207,6 +202,14 @@ class Evaluator:
                 max_len=model.config.max_position_embeddings,
                 device=device,
                 precision=precision,
-            )
+            ).tolist()
         model.train(was_training)
-        return metrics
+        return units
+
+
+def summarize(units: dict[str, list[float]]) -> dict[str, float]:
+    """Each metric's value (the mean over its units) and ``reference_loss``, the mean over reference sets."""
+    metrics = {name: float(np.mean(values)) for name, values in units.items()}
+    losses = [value for name, value in metrics.items() if name.startswith("loss:")]
+    metrics[MEAN_REFERENCE_LOSS] = float(np.mean(losses))
+    return metrics
