@@ -335,13 +335,21 @@ def test_ray_retries_a_killed_worker(ray_local, tmp_path):
 # --- the real command lines ------------------------------------------------------------------------------------
 
 
-def test_embedded_default_runs(tmp_path):
+def test_embedded_default_runs_the_whole_loop_without_shared_data(tmp_path):
+    """`python -m pipelines.ultraclean` alone: ingest -> verify seeds -> classifier per language -> score -> select
+    -> verify output, on data inside the package (nothing from ../shared), into the working directory."""
+    assert "shared/" not in (REPO / "configs" / "default.yaml").read_text()
     run = subprocess.run([sys.executable, "-m", "pipelines.ultraclean", "--output", str(tmp_path / "out")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "records in:" in run.stdout
-    version = DatasetVersion.open(tmp_path / "out")
-    assert version.manifest["accounting"]["kept"] > 0 and verify_version(version.path) == []
+    assert "records in:" in run.stdout and "prose-en                 keep" in run.stdout, run.stdout[-3000:]
+    assert list((tmp_path / "ultraclean-verification" / "reports").glob("*/deltas.png"))
+    [classifier] = [p for p in (tmp_path / "ultraclean-classifiers").glob("c-*") if p.is_dir()]
+    assert {p.name for p in classifier.glob("*/model.bin")} == {"model.bin"} and (classifier / "zh").is_dir()
+    assert (classifier / "en" / "model.bin").is_file() and (classifier / "zh" / "model.bin").is_file()
+    selected = DatasetVersion.open(tmp_path / "out")  # the last version written: the selection
+    assert selected.manifest["splits"] == ["en", "zh"] and verify_version(selected.path) == []
+    assert {"content", "score", "source"} <= set(selected.manifest["schema"])
 
 
 def _free_port() -> int:
