@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.io import atomic_write_text
 from kernels.infllmv2 import SparseConfig, infllmv2_attention
 from kernels.infllmv2.reference import select_blocks_full_ref, sparse_attention_ref
 
@@ -154,11 +155,8 @@ def main() -> None:
               f"{r['dense_fwdbwd_s'] / r['sparse_fwdbwd_s']:>7.2f}x")
     print("select/attend: share of the sparse forward spent in stage 1 and stage 2 (each timed alone)")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps({"device": str(device), "backend": args.backend, "config": cfg.to_dict(),
-                                   "rows": rows}, indent=2))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps({"device": str(device), "backend": args.backend,
+                                                "config": cfg.to_dict(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.figures import save_figure
-from core.io import atomic_write_text
+from core.io import atomic_path, atomic_write_text
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.schedule import wsd_lr
 from model.tokenizer import TOKENIZER_NAME, load_tokenizer
@@ -196,9 +196,8 @@ def distillation_set(path: Path, target_dir: Path, size: dict, device: torch.dev
               f" ({time.perf_counter() - start_time:.0f} s)", flush=True)
     data = {key: torch.cat(value) for key, value in parts.items()}
     data["prompt_tokens"] = prompts.shape[1]
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
     return data
 
 
