@@ -287,3 +287,19 @@ def test_padded_batch_runs_sparse_on_each_unpadded_sequence(backend, num_queries
     dq, dk, _ = torch.autograd.grad(out.square().sum(), (q, k, v))
     assert (dq.transpose(1, 2)[~real_q] == 0).all()
     assert (dk.transpose(1, 2)[~mask.bool()] == 0).all() and dk.abs().sum() > 0
+
+
+def test_model_attention_runs_padded_batches_past_dense_len_sparse():
+    from model.attention import attention
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, h, 160, 16, generator=gen) for h in (4, 2, 2))
+    mask = torch.ones(2, 160, dtype=torch.long)
+    mask[1, :30] = 0
+    sparse = {**TINY, "dense_len": 128}
+    got = attention(q, k, v, sparse_config=sparse, attention_mask=mask)
+    real = mask.bool()
+    want = infllmv2_attention(q, k, v, sparse, backend="torch", attention_mask=mask)
+    torch.testing.assert_close(got.transpose(1, 2)[real], want.transpose(1, 2)[real], rtol=1e-4, atol=1e-5)
+    dense = attention(q, k, v, sparse_config=None, attention_mask=mask)
+    assert (got - dense).transpose(1, 2)[real].abs().max() > 1e-2  # 8 of 10 blocks: not dense

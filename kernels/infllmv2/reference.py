@@ -152,7 +152,7 @@ def sparse_attention_ref(q, k, v, block_idx, cu_seqlens_q, cu_seqlens_k, block_s
         rows = slice(int(cu_seqlens_q[s]), int(cu_seqlens_q[s]) + tq)
         keys = slice(int(cu_seqlens_k[s]), int(cu_seqlens_k[s]) + tk)
         nb = -(-tk // block_size)
-        chosen = block_idx[:, rows].long()  # [Hkv, Tq, topk]
+        chosen = block_idx[:, rows].long()  # [Hkv, Tq, budget]
         selected = torch.zeros(hkv, tq, nb + 1, dtype=torch.bool, device=q.device)
         selected.scatter_(2, chosen + 1, True)  # slot 0 absorbs the -1 padding
         token_block = torch.arange(tk, device=q.device) // block_size

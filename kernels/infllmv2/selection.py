@@ -256,6 +256,7 @@ def select_blocks(q, k, layout: VarlenLayout, cfg: SparseConfig, scale: float | 
     """
     if layout.max_blocks >= 1 << BLOCK_ID_BITS:
         raise ValueError(f"a sequence of {layout.max_blocks} blocks: selection handles < {1 << BLOCK_ID_BITS}")
+    q, k = q.contiguous(), k.contiguous()  # rows of head_dim contiguous elements
     nq, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv

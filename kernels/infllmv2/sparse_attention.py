@@ -55,8 +55,9 @@ def _group_rows(tile_start, tile, q_start, seqlen_q, seqlen_k, g, stride_qn, str
     token, head = r // HEADS, g * GROUP + r % HEADS
     rows = tl.load(tile_start + tile) + token
     row_ok = (rows < seqlen_q) & (r % HEADS < GROUP)
-    return ((q_start + rows) * stride_qn + head * stride_qh, head * stride_lh + q_start + rows, row_ok,
-            seqlen_k - seqlen_q + rows, token)
+    # int64: Nq * Hq * D passes 2**31 at half a million packed tokens.
+    return ((q_start + rows).to(tl.int64) * stride_qn + head * stride_qh, head * stride_lh + q_start + rows,
+            row_ok, seqlen_k - seqlen_q + rows, token)
 
 
 @triton.jit
@@ -75,6 +76,26 @@ def _key_block(K, V, k_start, seqlen_k, blk, g, stride_kn, stride_kh, D: tl.cons
     return kpos, k_ok, load_tile(K, offsets, k_ok, D), load_tile(V, offsets, k_ok, D)
 
 
+@triton.jit
+def _query_tile(Q, tile_seq, tile_start, tile, cu_seqlens_q, cu_seqlens_k, g, stride_qn, stride_qh, stride_lh,
+                GROUP: tl.constexpr, TOKENS: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr):
+    """Prologue of a program that owns a query tile: (k_start, seqlen_k, the q tile, the rows: _group_rows)."""
+    q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(cu_seqlens_q, cu_seqlens_k, tl.load(tile_seq + tile))
+    q_off, l_off, row_ok, pos, token = _group_rows(tile_start, tile, q_start, seqlen_q, seqlen_k, g, stride_qn,
+                                                   stride_qh, stride_lh, GROUP, TOKENS, HEADS)
+    return k_start, seqlen_k, load_tile(Q, q_off, row_ok, D), q_off, l_off, row_ok, pos, token
+
+
+@triton.jit
+def _listed_block(BLOCKS, MASKS, entry, c, K, V, k_start, seqlen_k, g, stride_kn, stride_kh, pos, token,
+                  D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Entry c of a tile's block list: (k, v, allowed [rows, block]: the row's token chose it, causally)."""
+    blk = tl.load(BLOCKS + entry + c)
+    kpos, k_ok, kb, vb = _key_block(K, V, k_start, seqlen_k, blk, g, stride_kn, stride_kh, D, BLOCK_SIZE)
+    allowed = _chosen(MASKS + entry + c, token)[:, None] & (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+    return kb, vb, allowed
+
+
 @autotune(ATTENTION_CONFIGS, key=ATTENTION_KEY, shared_estimate=_attention_shared)
 @triton.jit
 def _sparse_fwd_kernel(
@@ -83,19 +104,17 @@ def _sparse_fwd_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     tile, g = tl.program_id(0), tl.program_id(1)
-    q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(cu_seqlens_q, cu_seqlens_k, tl.load(tile_seq + tile))
-    q_off, l_off, row_ok, pos, token = _group_rows(tile_start, tile, q_start, seqlen_q, seqlen_k, g, stride_qn,
-                                                   stride_qh, stride_lh, GROUP, TOKENS, HEADS)
-    q = load_tile(Q, q_off, row_ok, D)
+    k_start, seqlen_k, q, q_off, l_off, row_ok, pos, token = _query_tile(
+        Q, tile_seq, tile_start, tile, cu_seqlens_q, cu_seqlens_k, g, stride_qn, stride_qh, stride_lh, GROUP,
+        TOKENS, HEADS, D)
 
     m_i = tl.full([TOKENS * HEADS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TOKENS * HEADS], dtype=tl.float32)
     acc = tl.zeros([TOKENS * HEADS, D], dtype=tl.float32)
     entry = g * stride_tbh + tile * stride_tbt
     for c in range(tl.load(TILE_COUNT + g * stride_tch + tile)):
-        blk = tl.load(TILE_BLOCKS + entry + c)
-        kpos, k_ok, kb, vb = _key_block(K, V, k_start, seqlen_k, blk, g, stride_kn, stride_kh, D, BLOCK_SIZE)
-        allowed = _chosen(TILE_MASKS + entry + c, token)[:, None] & (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+        kb, vb, allowed = _listed_block(TILE_BLOCKS, TILE_MASKS, entry, c, K, V, k_start, seqlen_k, g, stride_kn,
+                                        stride_kh, pos, token, D, BLOCK_SIZE)
         s = tl.where(allowed, mma(q, tl.trans(kb)) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that chose none of this block's keys keeps m = -inf; shift by 0 to avoid inf - inf.
@@ -120,10 +139,9 @@ def _sparse_bwd_dq_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     tile, g = tl.program_id(0), tl.program_id(1)
-    q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(cu_seqlens_q, cu_seqlens_k, tl.load(tile_seq + tile))
-    q_off, l_off, row_ok, pos, token = _group_rows(tile_start, tile, q_start, seqlen_q, seqlen_k, g, stride_qn,
-                                                   stride_qh, stride_lh, GROUP, TOKENS, HEADS)
-    q = load_tile(Q, q_off, row_ok, D)
+    k_start, seqlen_k, q, q_off, l_off, row_ok, pos, token = _query_tile(
+        Q, tile_seq, tile_start, tile, cu_seqlens_q, cu_seqlens_k, g, stride_qn, stride_qh, stride_lh, GROUP,
+        TOKENS, HEADS, D)
     do = load_tile(DO, q_off, row_ok, D)
     lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
@@ -131,9 +149,8 @@ def _sparse_bwd_dq_kernel(
     dq = tl.zeros([TOKENS * HEADS, D], dtype=tl.float32)
     entry = g * stride_tbh + tile * stride_tbt
     for c in range(tl.load(TILE_COUNT + g * stride_tch + tile)):
-        blk = tl.load(TILE_BLOCKS + entry + c)
-        kpos, k_ok, kb, vb = _key_block(K, V, k_start, seqlen_k, blk, g, stride_kn, stride_kh, D, BLOCK_SIZE)
-        allowed = _chosen(TILE_MASKS + entry + c, token)[:, None] & (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+        kb, vb, allowed = _listed_block(TILE_BLOCKS, TILE_MASKS, entry, c, K, V, k_start, seqlen_k, g, stride_kn,
+                                        stride_kh, pos, token, D, BLOCK_SIZE)
         p = tl.where(allowed, tl.exp2(mma(q, tl.trans(kb)) * qk_scale - lse[:, None]), 0.0)
         ds = p * (mma(do, tl.trans(vb)) - delta[:, None])
         dq += mma(ds.to(kb.dtype), kb)

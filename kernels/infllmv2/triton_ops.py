@@ -84,7 +84,7 @@ def store_tile(ptr, offsets, row_ok, value, D: tl.constexpr):
 @triton.jit
 def load_rows(ptr, first, rows, row_ok, head, stride_n, stride_h, D: tl.constexpr):
     """[len(rows), D] tile of one head at packed rows first + rows; zeros where not row_ok."""
-    return load_tile(ptr, (first + rows) * stride_n + head * stride_h, row_ok, D)
+    return load_tile(ptr, (first + rows).to(tl.int64) * stride_n + head * stride_h, row_ok, D)
 
 
 def configs(space: list[dict[str, Any]], warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
