@@ -4,6 +4,8 @@
 `dense_len`, so the same weights serve both modes. Backends: "triton" (the kernels in selection.py and
 sparse_attention.py, run on CUDA or under TRITON_INTERPRET=1), "torch" (reference.py, the CPU path), and
 "auto", which picks Triton on CUDA or when TRITON_INTERPRET=1 and the reference otherwise.
+The selection follows the released kernels (reference.py spells the rules out); padded batches are unpadded
+into one varlen batch, as the released code does. targets.py compiles every kernel for sm_80 and sm_90.
 """
 
 from __future__ import annotations
