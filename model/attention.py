@@ -2,6 +2,7 @@
 
 Queries are the last Tq positions of the Tk keys (prefill: Tq == Tk; decode: Tq == 1), always causal. The same
 weights serve both modes, as in MiniCPM4: below ``sparse_config["dense_len"]`` keys the layer runs dense.
+Padded batches past dense_len run sparse too, on their unpadded sequences (varlen), as the released code does.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import torch
 import torch.nn.functional as F
 
 
-def uses_sparse(
-    sparse_config: dict[str, Any] | None, num_keys: int, attention_mask: torch.Tensor | None
-) -> bool:
-    # The sparse kernels have no padding mask: padded batches stay dense.
-    return sparse_config is not None and attention_mask is None and num_keys >= sparse_config["dense_len"]
+def uses_sparse(sparse_config: dict[str, Any] | None, num_keys: int) -> bool:
+    return sparse_config is not None and num_keys >= sparse_config["dense_len"]
 
 
 def attention(
@@ -31,11 +29,11 @@ def attention(
     Tq, Tk = q.shape[2], k.shape[2]
     if Tk < Tq:
         raise ValueError(f"attention: {Tq} queries but only {Tk} keys; queries must be the last Tk positions")
-    if uses_sparse(sparse_config, Tk, attention_mask):
+    if uses_sparse(sparse_config, Tk):
         # Imported here so the dense model works (and imports) without the kernels package.
         from kernels.infllmv2 import infllmv2_attention
 
-        return infllmv2_attention(q, k, v, sparse_config)
+        return infllmv2_attention(q, k, v, sparse_config, attention_mask=attention_mask)
     gqa = q.shape[1] != k.shape[1]
     if attention_mask is None:
         if Tq == 1 or Tq == Tk:

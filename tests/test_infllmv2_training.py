@@ -1,8 +1,9 @@
 """The MiniCPM proxy with InfLLM v2 sparse attention trains like the dense one on long sequences.
 
 Byte-level language modelling on tinyshakespeare, 256-token sequences against 16-token blocks and top-4:
-late queries attend to at most 64 of their keys. The training runs use the PyTorch reference path (what the
-model runs on CPU); the Triton kernels (interpreted) are checked against it inside the model on one step.
+late queries attend to at most 96 of their keys (a budget of topk + window_size // block_size = 6 blocks). The
+training runs use the PyTorch reference path (what the model runs on CPU); the Triton kernels (interpreted) are
+checked against it inside the model on one step.
 """
 
 import os

@@ -384,7 +384,7 @@ def test_model_with_sparse_config_runs_sparse_layers_past_dense_len():
         "init_blocks": 1,
         "kernel_size": 8,
         "kernel_stride": 4,
-        "topk": 3,
+        "topk": 2,  # budget topk + window_size // block_size = 3 of the 4 blocks
         "use_nope": False,
         "window_size": 16,
     }

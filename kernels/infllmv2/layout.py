@@ -27,7 +27,7 @@ class VarlenLayout:
         self.num_queries = int(cu_seqlens_q[-1])
         self.blocks_per_seq = [-(-tk // block_size) for tk in self.seqlens_k]
         self.max_blocks = max(self.blocks_per_seq)
-        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @cached_property
     def positions(self) -> torch.Tensor:
@@ -35,23 +35,24 @@ class VarlenLayout:
         pos = [torch.arange(tk - tq, tk, dtype=torch.int32) for tq, tk in zip(self.seqlens_q, self.seqlens_k)]
         return torch.cat(pos).to(self.device)
 
-    def query_tiles(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tile_seq, tile_start, row_tile): each tile's sequence and first row, and each row's tile id."""
-        if block_m not in self._tiles:
-            seq, start, row_tile = [], [], []
-            for s, tq in enumerate(self.seqlens_q):
-                n = -(-tq // block_m)
-                first = len(seq)
-                seq += [s] * n
-                start += [i * block_m for i in range(n)]
-                row_tile.append(first + torch.arange(tq) // block_m)
+    def query_tiles(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tile_seq, tile_start) [n_tiles] int32: each tile of `size` query tokens' sequence and first token."""
+        if size not in self._tiles:
+            seq = [s for s, tq in enumerate(self.seqlens_q) for _ in range(-(-tq // size))]
+            start = [i * size for tq in self.seqlens_q for i in range(-(-tq // size))]
             as_int = {"dtype": torch.int32, "device": self.device}
-            self._tiles[block_m] = (
-                torch.tensor(seq, **as_int),
-                torch.tensor(start, **as_int),
-                torch.cat(row_tile).to(self.device),
-            )
-        return self._tiles[block_m]
+            self._tiles[size] = torch.tensor(seq, **as_int), torch.tensor(start, **as_int)
+        return self._tiles[size]
+
+    def row_tiles(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_tile, row_in_tile) [Nq] int64: each packed query token's tile and its index inside the tile."""
+        tile, offset, first = [], [], 0
+        for tq in self.seqlens_q:
+            rows = torch.arange(tq)
+            tile.append(first + rows // size)
+            offset.append(rows % size)
+            first += -(-tq // size)
+        return torch.cat(tile).to(self.device), torch.cat(offset).to(self.device)
 
     @cached_property
     def key_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
