@@ -186,14 +186,16 @@ def deduplicate(parts: list[tuple[int, str]], rows: int, config: DedupConfig, wo
     """
     partitions = partitions_for(rows, config)
     options = {"num_cpus": 1, "max_retries": max_retries, "max_calls": 1 if fresh_workers else 0}
+    exact_map_task, exact_reduce_task, band_map_task, band_reduce_task, propagate_task, near_reduce_task = (
+        ray.remote(**options)(fn) for fn in (exact_map, exact_reduce, band_map, band_reduce, propagate, near_reduce))
     peaks: dict[str, int] = {}
     exact = 0
     removed = []
     if config.exact:
         keys, exact_removed = work / "exact-keys", work / "exact-removed"
-        peaks["exact map"] = max(gather([ray.remote(**options)(exact_map).remote(i, path, partitions, str(keys))
+        peaks["exact map"] = max(gather([exact_map_task.remote(i, path, partitions, str(keys))
                                          for i, path in parts], "dedup: exact (map)", labels=[p for _, p in parts]))
-        counts = gather([ray.remote(**options)(exact_reduce).remote(p, str(keys), str(exact_removed))
+        counts = gather([exact_reduce_task.remote(p, str(keys), str(exact_removed))
                          for p in range(partitions)], "dedup: exact (reduce)")
         exact, peaks["exact reduce"] = sum(c for c, _ in counts), max(peak for _, peak in counts)
         removed.append(str(exact_removed))
@@ -201,22 +203,22 @@ def deduplicate(parts: list[tuple[int, str]], rows: int, config: DedupConfig, wo
     if config.minhash.enabled:
         keys, edges = work / "band-keys", work / "edges"
         exact_dir = str(work / "exact-removed")
-        peaks["band map"] = max(gather([ray.remote(**options)(band_map).remote(i, path, exact_dir, partitions, str(keys))
+        peaks["band map"] = max(gather([band_map_task.remote(i, path, exact_dir, partitions, str(keys))
                                         for i, path in parts], "dedup: bands (map)", labels=[p for _, p in parts]))
-        peaks["band reduce"] = max(gather([ray.remote(**options)(band_reduce).remote(p, str(keys), partitions, str(edges))
+        peaks["band reduce"] = max(gather([band_reduce_task.remote(p, str(keys), partitions, str(edges))
                                            for p in range(partitions)], "dedup: bands (reduce)"))
         labels, offers, changed = None, None, 1
         while changed:
             rounds += 1
             labels_out, offers_out = work / f"labels-{rounds}", work / f"offers-{rounds}"
-            results = gather([ray.remote(**options)(propagate).remote(
+            results = gather([propagate_task.remote(
                 q, str(edges), labels, offers, str(labels_out), str(offers_out), partitions)
                 for q in range(partitions)], f"dedup: components (round {rounds})")
             changed = sum(c for c, _ in results) if rounds > 1 else 1
             peaks["components"] = max([peaks.get("components", 0)] + [peak for _, peak in results])
             labels, offers = str(labels_out), str(offers_out)
         near_removed = work / "near-removed"
-        counts = gather([ray.remote(**options)(near_reduce).remote(q, labels, str(near_removed))
+        counts = gather([near_reduce_task.remote(q, labels, str(near_removed))
                          for q in range(partitions)], "dedup: near duplicates")
         near, peaks["near reduce"] = sum(c for c, _ in counts), max(peak for _, peak in counts)
         removed.append(str(near_removed))
