@@ -81,11 +81,11 @@ def main() -> None:
             reset_peak_rss()
             driver_before = peak_rss()
             started = time.perf_counter()
-            result = deduplicate(parts, total, config, work / "dedup", max_retries=0)
+            result = deduplicate(parts, total, config, work / "dedup", task_options={"num_cpus": 1, "max_retries": 0})
             seconds = time.perf_counter() - started
             driver = peak_rss() - driver_before
             # again, every task in a fresh worker: a reused worker's peak includes what earlier tasks left behind
-            measured = deduplicate(parts, total, config, work / "measured", max_retries=0, fresh_workers=True)
+            measured = deduplicate(parts, total, config, work / "measured", task_options={"num_cpus": 1, "max_retries": 0}, fresh_workers=True)
         print(f"{total:>11,} {exact:>9,} / {result.exact:<9,} {near:>8,} / {result.near:<8,} {len(parts):>6} "
               f"{result.partitions:>10} {result.rounds:>6} {seconds:>7.1f} {1e6 * seconds / total:>7.1f} "
               f"{driver / 2**20:>14.0f} {max(measured.peak_rss.values()) / 2**20:>15.0f}")

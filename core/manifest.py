@@ -8,8 +8,9 @@ counts the kept rows from the shards themselves and refuses a manifest whose acc
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.accounting import Accounting
-from core.io import atomic_write_text, canonical_json, sha256_file
+from core.io import atomic_path, atomic_write_text, canonical_json, sha256_file
+from core.storage import AnyPath, location, read_parquet, remove_tree
 from core.versions import (
     CARD_NAME,
     MANIFEST_FORMAT,
@@ -25,9 +27,9 @@ from core.versions import (
     SHARD_DIR,
     VERSION_ID,
     compute_version_id,
+    entry_dir,
     inside,
-    new_staging,
-    publish,
+    point_latest,
     resolve_latest,
 )
 
@@ -48,13 +50,14 @@ def count_tokens(texts: list[str], tokenizer_path: str | None) -> int | None:
     return sum(len(e.ids) for e in encoder.encode_batch(texts, add_special_tokens=False)) if texts else 0
 
 
-def describe_shard(path: Path, version_dir: Path, tokenizer: str | None = None, text_column: str = "content") -> dict:
+def describe_shard(path: str | os.PathLike, version_dir: str | os.PathLike, tokenizer: str | None = None,
+                   text_column: str = "content") -> dict:
     """A shard's manifest entry: its path inside the version, rows, bytes, sha256, characters, tokens (if counted)."""
-    column = pq.read_table(path, columns=[text_column])[text_column]
+    column = read_parquet(path, columns=[text_column])[text_column]
     return {
-        "path": Path(path).relative_to(version_dir).as_posix(),
+        "path": location(path).relative_to(location(version_dir)).as_posix(),
         "rows": len(column),
-        "bytes": Path(path).stat().st_size,
+        "bytes": location(path).stat().st_size,
         "sha256": sha256_file(path),
         "characters": pc.sum(pc.utf8_length(column)).as_py() or 0,  # code points, as len(str); nulls count 0
         "tokens": count_tokens([c or "" for c in column.to_pylist()], tokenizer),
@@ -180,40 +183,54 @@ Quarantined inputs and their errors: `quarantine.jsonl` (when any). Checksums: `
 """
 
 
-def publish_table(table: pa.Table, root: Path, *, name: str, rows_per_shard: int = 100_000,
-                  text_column: str = "content") -> Path:
+def finish_version(directory: AnyPath, manifest: dict, card: str, files: dict[str, str] | None = None) -> AnyPath:
+    """Complete a version whose shards are written: its other ``files`` and card, then the manifest, last (from
+    then on the version exists), then ``latest``. Object storage has no rename, so this order is the publication."""
+    for name, text in {**(files or {}), CARD_NAME: card}.items():
+        atomic_write_text(directory / name, text)
+    atomic_write_text(directory / MANIFEST_NAME, canonical_json(manifest))
+    point_latest(location(directory).parent, location(directory).name)
+    return directory
+
+
+def publish_table(table: pa.Table, root: str | os.PathLike, *, name: str, rows_per_shard: int = 100_000,
+                  text_column: str = "content") -> AnyPath:
     """Publish an in-memory table (documents from elsewhere) as a dataset version of its own, ids from its bytes."""
-    staging = new_staging(Path(root), name)
+    slices = [table.slice(start, rows_per_shard) for start in range(0, max(len(table), 1), rows_per_shard)]
+    buffers = []
+    for piece in slices:
+        sink = pa.BufferOutputStream()
+        pq.write_table(piece, sink, compression="zstd", store_schema=False)
+        buffers.append(sink.getvalue())
+    inputs = [{"shard_sha256": [hashlib.sha256(buffer).hexdigest() for buffer in buffers]}]
+    version_id = compute_version_id(inputs=inputs, config={"name": name}, code="publish_table", parent=None)
+    directory = entry_dir(root, version_id)
     try:
         paths = []
-        for number, start in enumerate(range(0, max(len(table), 1), rows_per_shard)):
-            paths.append(staging / SHARD_DIR / f"shard-{number:05d}.parquet")
-            paths[-1].parent.mkdir(exist_ok=True)
-            pq.write_table(table.slice(start, rows_per_shard), paths[-1], compression="zstd", store_schema=False)
-        shards = [describe_shard(p, staging, text_column=text_column) for p in paths]
-        inputs = [{"shard_sha256": [s["sha256"] for s in shards]}]
-        version_id = compute_version_id(inputs=inputs, config={"name": name}, code="publish_table", parent=None)
+        for number, buffer in enumerate(buffers):
+            paths.append(directory / SHARD_DIR / f"shard-{number:05d}.parquet")
+            with atomic_path(paths[-1]) as tmp:
+                tmp.write_bytes(buffer.to_pybytes())
+        shards = [describe_shard(p, directory, text_column=text_column) for p in paths]
         manifest = build_manifest(
             version_id=version_id, name=name, kind="imported-table", parent=None, code_version="publish_table",
             inputs=inputs, config={"name": name}, schema=table.schema, shards=shards,
             accounting=Accounting(records_in=len(table)), stage_order=["import"],
         )
-        atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
-        atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=f"`{name}`, imported as a table."))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(directory)
         raise
-    return publish(staging, Path(root), version_id)
+    return finish_version(directory, manifest, dataset_card(manifest, description=f"`{name}`, imported as a table."))
 
 
-def verify_version(path: str | Path) -> list[str]:
+def verify_version(path: str | os.PathLike) -> list[str]:
     """Everything a version's manifest claims, re-checked; the problems found (empty: intact).
 
     The id is recomputed from the manifest's inputs, config, code version and parent; the accounting must add up
     stage by stage and match the shards; the totals must be the shards' sums; exactly the listed files may be there,
     each with its size and sha256; no listed path may lead outside the version.
     """
-    path = Path(path)
+    path = location(path)
     if not (path / MANIFEST_NAME).is_file():
         path = resolve_latest(path, VERSION_ID) or path
     try:
@@ -230,7 +247,7 @@ def verify_version(path: str | Path) -> list[str]:
     return problems
 
 
-def _identity_problems(path: Path, manifest: dict) -> list[str]:
+def _identity_problems(path: AnyPath, manifest: dict) -> list[str]:
     problems = []
     if manifest["format"] != MANIFEST_FORMAT:
         problems.append(f"format {manifest['format']!r} is not {MANIFEST_FORMAT!r}")
@@ -274,7 +291,7 @@ def _accounting_problems(manifest: dict) -> list[str]:
     return problems
 
 
-def _file_problems(path: Path, manifest: dict) -> list[str]:
+def _file_problems(path: AnyPath, manifest: dict) -> list[str]:
     problems, listed = [], {MANIFEST_NAME, CARD_NAME, QUARANTINE_NAME}
     entries = [e for shard in manifest["shards"] for e in [shard] + ([shard["jsonl"]] if "jsonl" in shard else [])]
     for entry in entries:

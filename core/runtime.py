@@ -11,6 +11,9 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from core.config import ConfigError
+from core.storage import is_remote
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the configured (or ``RAY_ADDRESS``, as under ``ray job submit``) cluster, else start one in-process."""
@@ -20,6 +23,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
     else:
         ray.init(address=address, logging_level="WARNING")
+
+
+def require_reachable(paths: list, shared_filesystem: bool) -> None:
+    """Refuse, before any work, local paths on a cluster of more than one node: a task on another node would not
+    find the driver's files. Remote URLs are reachable from every node; ``shared_filesystem`` vouches for the rest."""
+    if shared_filesystem:
+        return
+    local = [str(path) for path in paths if not is_remote(path)]
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if local and len(nodes) > 1:
+        shown = ", ".join(local[:3]) + (f" and {len(local) - 3} more" if len(local) > 3 else "")
+        raise ConfigError(
+            f"the Ray cluster has {len(nodes)} nodes, but {shown} is a local path that tasks on the other nodes cannot "
+            "see: put inputs and output.root on object storage (s3://..., gs://...), or set "
+            "output.shared_filesystem: true if every node mounts these paths"
+        )
 
 
 class TasksFailed(RuntimeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import math
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from core.io import atomic_path, atomic_write_text
+from core.storage import AnyPath, location, open_input
 from core.versions import resolve_parquet_files
 from model.tokenizer import eos_id
 
@@ -42,8 +44,8 @@ class DataSource:
     ratio: float = 1.0
     text_column: str = "content"
 
-    def files(self) -> list[Path]:
-        path = Path(self.path)
+    def files(self) -> list[AnyPath]:
+        path = location(self.path)
         if path.suffix in TEXT_SUFFIXES or path.name.endswith(JSONL_SUFFIXES):
             if not path.is_file():
                 raise FileNotFoundError(f"text source {path} does not exist")
@@ -57,7 +59,7 @@ class DataSource:
             elif file.name.endswith(JSONL_SUFFIXES):
                 yield from _jsonl_documents(file, self.text_column)
             else:
-                parquet = pq.ParquetFile(file)
+                parquet = pq.ParquetFile(open_input(file))
                 if self.text_column not in parquet.schema_arrow.names:
                     raise KeyError(
                         f"{file} has no column {self.text_column!r} (columns: {parquet.schema_arrow.names})"
@@ -66,9 +68,13 @@ class DataSource:
                     yield from (text for text in batch.column(0).to_pylist() if text)
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as lines:
+def _text_lines(path: AnyPath) -> io.TextIOWrapper:
+    stream = open_input(path)
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=stream) if path.name.endswith(".gz") else stream, encoding="utf-8")
+
+
+def _jsonl_documents(path: AnyPath, field: str) -> Iterator[str]:
+    with _text_lines(path) as lines:
         for number, line in enumerate(lines, 1):
             if line.strip():
                 row = json.loads(line)
@@ -78,9 +84,9 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
                     yield row[field]
 
 
-def _blank_line_documents(path: Path) -> Iterator[str]:
+def _blank_line_documents(path: AnyPath) -> Iterator[str]:
     lines: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with _text_lines(path) as f:
         for line in f:
             if line.strip():
                 lines.append(line)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from core import config as core_config
 from core.config import Strict
@@ -37,7 +37,10 @@ class OutputConfig(Strict):
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     tokenizer: str | None = Field(None, description="tokenizer.json used for the manifest's token counts")
     keep_work: bool = Field(False, description="keep the per-input intermediate parts after publishing")
-
+    shared_filesystem: bool = Field(
+        False, description="local paths (inputs, output root) are on a filesystem every node of the cluster mounts; "
+        "without it a job on more than one node refuses local paths"
+    )
 
     def parquet_options(self) -> dict:
         """Writer options shared by every shard and part: fixed, so the same rows give the same bytes."""
@@ -49,6 +52,17 @@ class RayConfig(Strict):
     address: str | None = Field(None, description="a running cluster ('auto', 'ray://...'); null starts one in-process")
     num_cpus: PositiveInt | None = Field(None, description="CPUs for an in-process cluster")
     max_retries: NonNegativeInt = Field(3, description="Ray re-runs a task whose worker died this many times")
+    scheduling: Literal["default", "spread"] = Field(
+        "default", description="'spread' places the tasks across the cluster's nodes instead of packing them"
+    )
+    resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="custom Ray resources every task needs (e.g. to keep them on tagged nodes)"
+    )
+
+    def task_options(self) -> dict:
+        """Options of every one-CPU task of the jobs: retries, custom resources, placement."""
+        return {"num_cpus": 1, "max_retries": self.max_retries, "resources": dict(self.resources),
+                "scheduling_strategy": self.scheduling.upper()}
 
 
 class UltraCleanConfig(Strict):

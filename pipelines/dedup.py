@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 import ray
 
 from core.io import atomic_path
 from core.runtime import gather
+from core.storage import AnyPath, location, parquet_rows, read_parquet
 from stages.dedup import (
     EDGES_SCHEMA,
     LABELS_SCHEMA,
@@ -67,17 +67,17 @@ def reset_peak_rss() -> None:
         pass
 
 
-def _write(frame: pl.DataFrame, path: Path) -> None:
+def _write(frame: pl.DataFrame, path: AnyPath) -> None:
     with atomic_path(path) as tmp:
         frame.write_parquet(tmp)
 
 
-def _read(directory: Path, schema: dict) -> pl.DataFrame:
-    files = sorted(directory.glob("*.parquet")) if directory.is_dir() else []
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame(schema=schema)
+def _read(directory: AnyPath, schema: dict) -> pl.DataFrame:
+    files = sorted(directory.glob("*.parquet"), key=str) if directory.is_dir() else []
+    return pl.concat([pl.from_arrow(read_parquet(f)) for f in files]) if files else pl.DataFrame(schema=schema)
 
 
-def _split_by(frame: pl.DataFrame, column: str, directory: Path, basename: str, values: np.ndarray) -> None:
+def _split_by(frame: pl.DataFrame, column: str, directory: AnyPath, basename: str, values: np.ndarray) -> None:
     """Write ``frame``'s rows to ``directory/<column>=<value>/<basename>.parquet``, one file per value present."""
     if frame.is_empty():
         return
@@ -86,18 +86,18 @@ def _split_by(frame: pl.DataFrame, column: str, directory: Path, basename: str, 
         _write(group.drop("_key"), directory / f"{column}={value}" / f"{basename}.parquet")
 
 
-def _split_by_part(orders: pl.DataFrame, directory: Path, basename: str) -> None:
+def _split_by_part(orders: pl.DataFrame, directory: AnyPath, basename: str) -> None:
     _split_by(orders, "part", directory, basename, (orders["order"].to_numpy() >> ORDER_BITS))
 
 
 def removed_count(removed: list[str], part: int) -> int:
     """How many orders of one part deduplication removed, from the files' metadata."""
-    return sum(pq.read_metadata(f).num_rows for d in removed for f in (Path(d) / f"part={part}").glob("*.parquet"))
+    return sum(parquet_rows(f) for d in removed for f in (location(d) / f"part={part}").glob("*.parquet"))
 
 
 def removed_orders(removed: list[str], part: int) -> np.ndarray:
     """The orders of one part that deduplication removed (sorted)."""
-    frames = [_read(Path(d) / f"part={part}", {"order": pl.Int64}) for d in removed]
+    frames = [_read(location(d) / f"part={part}", {"order": pl.Int64}) for d in removed]
     return np.sort(pl.concat(frames)["order"].to_numpy()) if frames else np.empty(0, np.int64)
 
 
@@ -106,16 +106,16 @@ def removed_orders(removed: list[str], part: int) -> np.ndarray:
 
 def exact_map(part: int, part_path: str, partitions: int, out: str) -> int:
     reset_peak_rss()
-    frame = pl.from_arrow(pq.read_table(part_path, columns=["order", "content_hash"]))
-    _split_by(frame, "p", Path(out), f"part-{part:05d}", partition_of(frame["content_hash"].to_numpy(), partitions))
+    frame = pl.from_arrow(read_parquet(part_path, columns=["order", "content_hash"]))
+    _split_by(frame, "p", location(out), f"part-{part:05d}", partition_of(frame["content_hash"].to_numpy(), partitions))
     return peak_rss()
 
 
 def exact_reduce(partition: int, keys: str, removed: str) -> tuple[int, int]:
     reset_peak_rss()
-    frame = _read(Path(keys) / f"p={partition}", {"order": pl.Int64, "content_hash": pl.UInt64})
+    frame = _read(location(keys) / f"p={partition}", {"order": pl.Int64, "content_hash": pl.UInt64})
     duplicates = duplicate_edges(frame, ["content_hash"]).select("order")
-    _split_by_part(duplicates, Path(removed), f"p{partition:05d}")
+    _split_by_part(duplicates, location(removed), f"p{partition:05d}")
     return duplicates.height, peak_rss()
 
 
@@ -124,22 +124,22 @@ def exact_reduce(partition: int, keys: str, removed: str) -> tuple[int, int]:
 
 def band_map(part: int, part_path: str, exact_removed: str, partitions: int, out: str) -> int:
     reset_peak_rss()
-    frame = pl.from_arrow(pq.read_table(part_path, columns=["order", "minhash_bands"]))
+    frame = pl.from_arrow(read_parquet(part_path, columns=["order", "minhash_bands"]))
     frame = frame.filter(~pl.col("order").is_in(removed_orders([exact_removed], part)))
     if not frame.is_empty():
         bands = frame.explode("minhash_bands").with_columns(
             (pl.int_range(pl.len()).over("order")).cast(pl.UInt8).alias("band")
         ).rename({"minhash_bands": "key"})
         salted = bands["key"].to_numpy() ^ (bands["band"].to_numpy().astype(np.uint64) * _BAND_SALT)
-        _split_by(bands, "p", Path(out), f"part-{part:05d}", partition_of(salted, partitions))
+        _split_by(bands, "p", location(out), f"part-{part:05d}", partition_of(salted, partitions))
     return peak_rss()
 
 
 def band_reduce(partition: int, keys: str, partitions: int, edges: str) -> int:
     reset_peak_rss()
-    frame = _read(Path(keys) / f"p={partition}", {"order": pl.Int64, "key": pl.UInt64, "band": pl.UInt8})
+    frame = _read(location(keys) / f"p={partition}", {"order": pl.Int64, "key": pl.UInt64, "band": pl.UInt8})
     graph = undirected(duplicate_edges(frame, ["band", "key"]))
-    _split_by(graph, "q", Path(edges), f"from-p{partition:05d}", partition_of(graph["src"].to_numpy(), partitions))
+    _split_by(graph, "q", location(edges), f"from-p{partition:05d}", partition_of(graph["src"].to_numpy(), partitions))
     return peak_rss()
 
 
@@ -150,25 +150,25 @@ def propagate(partition: int, edges: str, labels_in: str | None, offers_in: str 
               offers_out: str, partitions: int) -> tuple[int, int]:
     """One round for one partition: take the smallest offered labels, then offer them along the edges."""
     reset_peak_rss()
-    graph = _read(Path(edges) / f"q={partition}", EDGES_SCHEMA)
+    graph = _read(location(edges) / f"q={partition}", EDGES_SCHEMA)
     if labels_in is None:  # the first round: every node is its own label
         labels = graph.select(pl.col("src").alias("node"), pl.col("src").alias("label")).unique()
         changed = labels.height
     else:
-        labels = _read(Path(labels_in) / f"q={partition}", LABELS_SCHEMA)
-        labels, changed = take_smallest(labels, _read(Path(offers_in) / f"q={partition}", LABELS_SCHEMA))
-    _write(labels, Path(labels_out) / f"q={partition}" / "labels.parquet")
+        labels = _read(location(labels_in) / f"q={partition}", LABELS_SCHEMA)
+        labels, changed = take_smallest(labels, _read(location(offers_in) / f"q={partition}", LABELS_SCHEMA))
+    _write(labels, location(labels_out) / f"q={partition}" / "labels.parquet")
     offers = offer_labels(graph, labels)
-    _split_by(offers, "q", Path(offers_out), f"from-q{partition:05d}", partition_of(offers["node"].to_numpy(),
+    _split_by(offers, "q", location(offers_out), f"from-q{partition:05d}", partition_of(offers["node"].to_numpy(),
                                                                                     partitions))
     return changed, peak_rss()
 
 
 def near_reduce(partition: int, labels: str, removed: str) -> tuple[int, int]:
     reset_peak_rss()
-    frame = _read(Path(labels) / f"q={partition}", LABELS_SCHEMA)
+    frame = _read(location(labels) / f"q={partition}", LABELS_SCHEMA)
     duplicates = frame.filter(pl.col("node") != pl.col("label")).select(pl.col("node").alias("order"))
-    _split_by_part(duplicates, Path(removed), f"q{partition:05d}")
+    _split_by_part(duplicates, location(removed), f"q{partition:05d}")
     return duplicates.height, peak_rss()
 
 
@@ -177,15 +177,15 @@ def partitions_for(rows: int, config: DedupConfig) -> int:
     return max(1, math.ceil(rows * config.minhash.num_bands / config.rows_per_partition))
 
 
-def deduplicate(parts: list[tuple[int, str]], rows: int, config: DedupConfig, work: Path,
-                max_retries: int, fresh_workers: bool = False) -> DedupResult:
+def deduplicate(parts: list[tuple[int, str]], rows: int, config: DedupConfig, work: AnyPath,
+                task_options: dict, fresh_workers: bool = False) -> DedupResult:
     """Exact, then near duplicates of the parts (``(part index, path)``, holding ``rows`` documents in all).
 
-    ``fresh_workers`` runs every task in a new worker process, so each peak memory is the task's own (a reused
+    ``task_options`` are Ray's options of every task (CPUs, retries, resources, placement). ``fresh_workers`` runs every task in a new worker process, so each peak memory is the task's own (a reused
     worker keeps what earlier tasks' allocators retained); it costs a process start per task.
     """
     partitions = partitions_for(rows, config)
-    options = {"num_cpus": 1, "max_retries": max_retries, "max_calls": 1 if fresh_workers else 0}
+    options = {**task_options, "max_calls": 1 if fresh_workers else 0}
     exact_map_task, exact_reduce_task, band_map_task, band_reduce_task, propagate_task, near_reduce_task = (
         ray.remote(**options)(fn) for fn in (exact_map, exact_reduce, band_map, band_reduce, propagate, near_reduce))
     peaks: dict[str, int] = {}

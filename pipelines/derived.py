@@ -7,37 +7,26 @@ parent row (kept, or dropped with a reason) in the same format as an ingested ve
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
 from core.accounting import Accounting
 from core.code_version import code_version
-from core.io import atomic_write_text, canonical_json
-from core.manifest import PARQUET_LOADING, build_manifest, dataset_card, split_loading
-from core.versions import (
-    CARD_NAME,
-    MANIFEST_NAME,
-    SHARD_DIR,
-    DatasetVersion,
-    compute_version_id,
-    new_staging,
-    publish,
-    published_manifest,
-    version_lock,
-)
+from core.manifest import PARQUET_LOADING, build_manifest, dataset_card, finish_version, split_loading
+from core.storage import AnyPath, remove_tree, resolve_root
+from core.versions import DatasetVersion, compute_version_id, entry_dir, published_manifest, version_lock
 from pipelines.config import UltraCleanConfig
 from pipelines.ingest import CARD_DESCRIPTION
 
 
 @dataclass
 class StepResult:
-    version_path: Path
+    version_path: AnyPath
     manifest: dict
     reused: bool
     seconds: float
@@ -51,13 +40,13 @@ class DerivedVersion:
     step_config: dict
     code: tuple[str, ...]
     parent: DatasetVersion
-    root: Path
+    root: AnyPath
     version_id: str
 
     @classmethod
     def plan(cls, config: UltraCleanConfig, parent: DatasetVersion, step: str, step_config: dict,
-             code: tuple[str, ...], output_root: Path | None) -> DerivedVersion:
-        root = Path(output_root or config.output.root).resolve()
+             code: tuple[str, ...], output_root: str | os.PathLike | None) -> DerivedVersion:
+        root = resolve_root(output_root or config.output.root)
         version_id = compute_version_id(inputs=cls.inputs_of(parent), config={step: step_config},
                                         code=code_version(*code), parent=parent.version_id)
         return cls(step, step_config, code, parent, root, version_id)
@@ -67,19 +56,18 @@ class DerivedVersion:
         return [{"version_id": parent.version_id, "rows": parent.manifest["totals"]["rows"]}]
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[Path | None]:
+    def writing(self) -> Iterator[AnyPath | None]:
         """Under this version's lock (a concurrent run of the same step waits, then reuses it): None when the version
-        is published already, else a fresh staging directory with ``data/``, removed if the step fails."""
+        is published already, else the version's directory to write shards into, removed if the step fails."""
         with version_lock(self.root, self.version_id):
             if published_manifest(self.root, self.version_id) is not None:
                 yield None
                 return
-            staging = new_staging(self.root, self.version_id)
-            (staging / SHARD_DIR).mkdir()
+            directory = entry_dir(self.root, self.version_id)
             try:
-                yield staging
+                yield directory
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_tree(directory)
                 raise
 
     def reused(self, started: float) -> StepResult | None:
@@ -89,9 +77,9 @@ class DerivedVersion:
             return None
         return StepResult(self.root / self.version_id, manifest, reused=True, seconds=time.perf_counter() - started)
 
-    def publish(self, staging: Path, config: UltraCleanConfig, schema: pa.Schema, shards: list[dict],
-                dropped: Counter, extra: dict) -> tuple[Path, dict]:
-        """Write the manifest (failing unless every parent row is accounted for) and the card; publish."""
+    def publish(self, directory: AnyPath, config: UltraCleanConfig, schema: pa.Schema, shards: list[dict],
+                dropped: Counter, extra: dict) -> tuple[AnyPath, dict]:
+        """Write the card and the manifest (failing unless every parent row is accounted for); publish."""
         records_in = self.parent.manifest["totals"]["rows"]
         accounting = Accounting(records_in=records_in, dropped={self.step: Counter(dropped)})
         manifest = build_manifest(
@@ -100,7 +88,6 @@ class DerivedVersion:
             config={self.step: self.step_config}, schema=schema, shards=shards, accounting=accounting,
             stage_order=[self.step], extra=extra,
         )
-        atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
         loading = split_loading(manifest["splits"]) if manifest.get("splits") else PARQUET_LOADING
-        atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=CARD_DESCRIPTION, loading=loading))
-        return publish(staging, self.root, self.version_id), manifest
+        card = dataset_card(manifest, description=CARD_DESCRIPTION, loading=loading)
+        return finish_version(directory, manifest, card), manifest

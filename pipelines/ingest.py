@@ -2,16 +2,16 @@
 
 Three Ray phases. (1) One task per input file streams it through the per-document stages and writes an
 intermediate Parquet part plus its accounting; a finished part is skipped on re-run. (2) Exact and MinHash
-duplicates are found across all parts (a Ray task per MinHash band, clustering on the driver). (3) One task per
-output shard writes the kept documents, in run order, into a staging directory that is renamed into place whole.
+duplicates are found across all parts (``pipelines.dedup``: a map-reduce over hash partitions). (3) One task per
+output shard writes the kept documents, in run order, into the version's directory; the manifest is written last.
+Inputs and the output root may be local or fsspec URLs (``core.storage``); every task reads and writes them itself,
+so on a cluster no file passes through the driver.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import stat
 import time
 from dataclasses import asdict, dataclass
@@ -25,19 +25,19 @@ import ray
 from core.accounting import Accounting
 from core.code_version import code_version
 from core.config import ConfigError
-from core.io import atomic_path, atomic_write_text, canonical_json, sha256_file
-from core.manifest import QUARANTINE_NAME, build_manifest, dataset_card, describe_shard
-from core.runtime import ensure_ray, gather
-from core.versions import (
-    CARD_NAME,
-    MANIFEST_NAME,
-    SHARD_DIR,
-    WORK_DIR,
-    compute_version_id,
-    publish,
-    published_manifest,
-    version_lock,
+from core.io import atomic_path, atomic_write_text, sha256_file
+from core.manifest import QUARANTINE_NAME, build_manifest, dataset_card, describe_shard, finish_version
+from core.runtime import ensure_ray, gather, require_reachable
+from core.storage import (
+    AnyPath,
+    glob_files,
+    is_remote,
+    location,
+    read_parquet,
+    remove_tree,
+    resolve_root,
 )
+from core.versions import SHARD_DIR, WORK_DIR, compute_version_id, entry_dir, published_manifest, version_lock
 from pipelines.config import UltraCleanConfig
 from pipelines.dedup import ORDER_BITS, deduplicate, removed_count, removed_orders
 from stages.base import Stage
@@ -81,7 +81,7 @@ class ResolvedInput:
 
 @dataclass
 class IngestResult:
-    version_path: Path
+    version_path: AnyPath
     manifest: dict
     reused: bool
     seconds: float
@@ -108,13 +108,16 @@ def resolve_inputs(config: UltraCleanConfig, base_dir: Path) -> list[ResolvedInp
     """Every file the input globs match, in config then name order; one that cannot be read carries the reason."""
     resolved: list[ResolvedInput] = []
     for position, spec in enumerate(config.inputs):
-        pattern = spec.path if Path(spec.path).is_absolute() else str(base_dir / spec.path)
-        matches = sorted(glob.glob(pattern, recursive=True))
+        pattern = str(resolve_root(spec.path, base_dir))
+        try:
+            matches = glob_files(pattern)
+        except OSError as error:  # no such bucket, no credentials, endpoint unreachable
+            raise ConfigError(f"inputs[{position}].path: cannot list {spec.path!r}: {error}") from None
         if not matches:
             raise ConfigError(f"inputs[{position}].path: no file matches {spec.path!r} (looked at {pattern})")
         for match in matches:
-            path = Path(os.path.abspath(match))
-            problem, fmt = unreadable_reason(path), spec.format
+            path = location(match if is_remote(match) else os.path.abspath(match))
+            problem, fmt = (None if is_remote(path) else unreadable_reason(path)), spec.format
             if problem is None and fmt is None:
                 try:
                     fmt = detect_format(path)
@@ -126,7 +129,9 @@ def resolve_inputs(config: UltraCleanConfig, base_dir: Path) -> list[ResolvedInp
 
 @ray.remote
 def fingerprint_input(path: str) -> dict:
-    return {"name": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+    """What an input contributes to the version id: its name, size and sha256 (streamed, local or remote), so the
+    same bytes give the same id wherever they are stored."""
+    return {"name": location(path).name, "bytes": location(path).stat().st_size, "sha256": sha256_file(path)}
 
 
 def document_stages(config: UltraCleanConfig, accounting: Accounting) -> list[Stage]:
@@ -149,7 +154,7 @@ def check_stages(config: UltraCleanConfig) -> None:
 
 
 def _document_stream(config: UltraCleanConfig, item: ResolvedInput, accounting: Accounting):
-    reader = InputReader(Path(item.path), item.format, item.source, config.read, accounting)
+    reader = InputReader(location(item.path), item.format, item.source, config.read, accounting)
     docs = reader.run()
     for stage in document_stages(config, accounting):
         docs = stage.run(docs)
@@ -177,7 +182,7 @@ def _part_rows(docs, item: ResolvedInput, config: UltraCleanConfig):
 @ray.remote
 def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dict:
     """Phase 1 for one input file. Returns its accounting; resumes from a finished part."""
-    part, stats_path = Path(part_path), Path(part_path + ".json")
+    part, stats_path = location(part_path), location(part_path + ".json")
     if part.is_file() and stats_path.is_file():
         return json.loads(stats_path.read_text())
     config = UltraCleanConfig.model_validate(config_data)
@@ -196,7 +201,8 @@ def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dic
         writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
         kept += len(batch)
     accounting.seconds["total"] = time.perf_counter() - started
-    result = {"input": asdict(item), "kept": kept, "accounting": accounting.as_dict()}
+    result = {"input": asdict(item), "kept": kept, "accounting": accounting.as_dict(),
+              "node": ray.get_runtime_context().get_node_id()}
     atomic_write_text(stats_path, json.dumps(result, sort_keys=True))
     return result
 
@@ -206,11 +212,11 @@ def write_shard(pieces: list[tuple[int, str, int, int]], removed: list[str], out
     """Phase 3: one output shard, in run order, from the given ranges of the parts' surviving rows (written
     atomically; a finished shard is kept on resume)."""
     config = UltraCleanConfig.model_validate(config_data)
-    out = Path(out_path)
+    out = location(out_path)
     if not out.is_file():
         tables = []
         for part, part_path, start, stop in pieces:
-            table = pq.read_table(part_path)
+            table = read_parquet(part_path)
             gone = pc.is_in(table["order"], value_set=pa.array(removed_orders(removed, part), pa.int64()))
             tables.append(table.filter(pc.invert(gone)).slice(start, stop - start))
         shard = pa.concat_tables(tables).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
@@ -243,12 +249,12 @@ INGEST_SECTIONS = {"name", "read", "extract", "langid", "filters", "dedup", "out
 def content_config(config: UltraCleanConfig) -> dict:
     """The config as it shapes the ingested content: no cluster address, no output location, no later steps."""
     data = config.model_dump(mode="json", include=INGEST_SECTIONS)
-    for key in ("root", "keep_work"):
+    for key in ("root", "keep_work", "shared_filesystem"):
         data["output"].pop(key)
     return data
 
 
-def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | None = None) -> IngestResult:
+def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: str | os.PathLike | None = None) -> IngestResult:
     """Ingest the configured inputs into a dataset version, or reuse the finished one with the same id.
 
     Fails, publishing nothing, when a config value or the environment is unusable (before any work) or when an
@@ -257,11 +263,14 @@ def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | Non
     started = time.perf_counter()
     inputs = resolve_inputs(config, base_dir)
     check_stages(config)
-    root = Path(output_root or config.output.root).resolve()
+    root = resolve_root(output_root or config.output.root)
     ensure_ray(config.ray.address, config.ray.num_cpus)
     readable = [item for item in inputs if item.problem is None]
+    require_reachable([root, *(item.path for item in readable)], config.output.shared_filesystem)
+    fingerprint = fingerprint_input.options(**config.ray.task_options())
     fingerprints = dict(zip([item.index for item in readable],
-                            ray.get([fingerprint_input.remote(item.path) for item in readable])))
+                            gather([fingerprint.remote(item.path) for item in readable], "ingest: fingerprints",
+                                   labels=[item.path for item in readable])))
     input_ids = [{**fingerprints[item.index], "format": item.format, "source": item.source} if item.problem is None
                  else {"name": item.name, "source": item.source, "unreadable": item.problem} for item in inputs]
     version_id = compute_version_id(inputs=input_ids, config=content_config(config),
@@ -276,14 +285,13 @@ def run_ingest(config: UltraCleanConfig, base_dir: Path, output_root: Path | Non
                         stage_seconds=dict(total.seconds))
 
 
-def _ingest_version(config: UltraCleanConfig, inputs: list[ResolvedInput], input_ids: list[dict], root: Path,
-                    version_id: str) -> tuple[Path, dict, Accounting]:
+def _ingest_version(config: UltraCleanConfig, inputs: list[ResolvedInput], input_ids: list[dict], root: AnyPath,
+                    version_id: str) -> tuple[AnyPath, dict, Accounting]:
     work = root / WORK_DIR / version_id
-    (work / "parts").mkdir(parents=True, exist_ok=True)
     config_data = config.model_dump(mode="json")
     readable = [item for item in inputs if item.problem is None]
     part_paths = {item.index: str(work / "parts" / f"part-{item.index:05d}.parquet") for item in readable}
-    task = process_input.options(num_cpus=1, max_retries=config.ray.max_retries)
+    task = process_input.options(**config.ray.task_options())
     results = gather([task.remote(item, config_data, part_paths[item.index]) for item in readable],
                      "ingest: inputs", labels=[item.path for item in readable])
     accounting_of = {item.index: Accounting.from_dict(result["accounting"]) for item, result in zip(readable, results)}
@@ -298,13 +306,13 @@ def _ingest_version(config: UltraCleanConfig, inputs: list[ResolvedInput], input
 
     kept = {item.index: result["kept"] for item, result in zip(readable, results)}
     duplicates = deduplicate([(i, part_paths[i]) for i in sorted(part_paths)], sum(kept.values()), config.dedup,
-                             work / "dedup", config.ray.max_retries)
+                             work / "dedup", config.ray.task_options())
     dedup = Accounting()
     dedup.drop("dedup", "exact_duplicate", duplicates.exact)
     dedup.drop("dedup", "minhash_duplicate", duplicates.near)
-    staging = work / "staging"
+    version_dir = entry_dir(root, version_id)
     surviving = [(i, part_paths[i], kept[i] - removed_count(duplicates.removed, i)) for i in sorted(part_paths)]
-    shards = write_shards(surviving, duplicates.removed, staging, config)
+    shards = write_shards(surviving, duplicates.removed, version_dir, config)
 
     total = sum(accountings, Accounting()) + dedup
     filters = [f"filter_{f.kind}" for f in config.filters if f.enabled]
@@ -316,23 +324,20 @@ def _ingest_version(config: UltraCleanConfig, inputs: list[ResolvedInput], input
         extra={"input_accounting": [{"name": item.name, "records_in": a.records_in,
                                      "quarantine_entries": len(a.quarantined)} for item, a in zip(inputs, accountings)]},
     )
-    atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
-    atomic_write_text(staging / CARD_NAME, dataset_card(manifest, description=CARD_DESCRIPTION))
-    atomic_write_text(staging / QUARANTINE_NAME, "".join(
-        json.dumps(entry.as_dict(), sort_keys=True, ensure_ascii=False) + "\n" for entry in total.quarantined
-    ))
-    final = publish(staging, root, version_id)
+    quarantine = "".join(json.dumps(entry.as_dict(), sort_keys=True, ensure_ascii=False) + "\n"
+                         for entry in total.quarantined)
+    final = finish_version(version_dir, manifest, dataset_card(manifest, description=CARD_DESCRIPTION),
+                           {QUARANTINE_NAME: quarantine})
     if not config.output.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
     return final, manifest, total
 
 
-def write_shards(surviving: list[tuple[int, str, int]], removed: list[str], staging: Path,
+def write_shards(surviving: list[tuple[int, str, int]], removed: list[str], version_dir: AnyPath,
                  config: UltraCleanConfig) -> list[dict]:
     """Phase 3: the surviving documents, in run order, into shards of rows_per_shard (a task each)."""
-    (staging / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     config_data = config.model_dump(mode="json")
-    task = write_shard.options(num_cpus=1, max_retries=config.ray.max_retries)
-    refs = [task.remote(plan, removed, str(staging / SHARD_DIR / f"shard-{number:05d}.parquet"), config_data)
+    task = write_shard.options(**config.ray.task_options())
+    refs = [task.remote(plan, removed, str(version_dir / SHARD_DIR / f"shard-{number:05d}.parquet"), config_data)
             for number, plan in enumerate(plan_shards(surviving, config.output.rows_per_shard))]
     return gather(refs, "emit: shards", labels=[f"shard {number}" for number in range(len(refs))])

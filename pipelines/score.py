@@ -2,15 +2,16 @@
 
 Scoring runs on Ray Data: the parent's shards are read with ``read_parquet``, ``ScoreBatch`` actors (one model
 load each) add ``score`` and the label probabilities, and the driver streams the batches, in order, into
-``rows_per_shard`` shards of a staging directory that is published whole. Keeping the order makes the shards
-byte-identical on a re-run whatever the scheduling.
+``rows_per_shard`` shards of the version's directory, whose manifest is written last. Keeping the order makes the
+shards byte-identical on a re-run whatever the scheduling.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,8 +19,10 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
+from core.io import atomic_path
 from core.manifest import describe_shard
 from core.runtime import ensure_ray
+from core.storage import AnyPath, arrow_dataset_source, parquet_schema
 from core.versions import SHARD_DIR, DatasetVersion
 from pipelines.config import UltraCleanConfig
 from pipelines.derived import DerivedVersion, StepResult
@@ -33,16 +36,19 @@ SCORE_CODE = ("stages.scoring", "stages.classifier", "stages.normalize", "pipeli
 class ShardWriter:
     """Rows in arrival order into ``shard-NNNNN.parquet`` files of ``rows_per_shard`` rows each."""
 
-    def __init__(self, directory: Path, schema: pa.Schema, config: UltraCleanConfig):
+    def __init__(self, directory: AnyPath, schema: pa.Schema, config: UltraCleanConfig):
         self.directory, self.schema, self.config = directory, schema, config
-        self.paths: list[Path] = []
+        self.paths: list[AnyPath] = []
         self._writer: pq.ParquetWriter | None = None
+        self._target: contextlib.ExitStack | None = None
         self._rows = 0
 
     def _open(self) -> None:
         path = self.directory / f"shard-{len(self.paths):05d}.parquet"
         self.paths.append(path)
-        self._writer = pq.ParquetWriter(path, self.schema, **self.config.output.parquet_options())
+        self._target = contextlib.ExitStack()
+        tmp = self._target.enter_context(atomic_path(path))
+        self._writer = pq.ParquetWriter(tmp, self.schema, **self.config.output.parquet_options())
         self._rows = 0
 
     def write(self, table: pa.Table) -> None:
@@ -57,13 +63,16 @@ class ShardWriter:
             table = table.slice(len(take))
 
     def close(self) -> None:
+        """Finish the open shard (its file appears complete, or not at all when ``close`` runs on an error)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            self._target.close()
 
 
 def score_version(
-    config: UltraCleanConfig, parent_path: Path, classifier_path: Path, output_root: Path | None = None
+    config: UltraCleanConfig, parent_path: str | os.PathLike, classifier_path: str | os.PathLike,
+    output_root: str | os.PathLike | None = None
 ) -> StepResult:
     """Score every document of a dataset version into a new version with ``score`` and probability columns."""
     started = time.perf_counter()
@@ -71,17 +80,17 @@ def score_version(
     parent = DatasetVersion.open(parent_path)
     expected = config.classifier.labels if config.classifier else None
     classifier = QualityClassifier.load(classifier_path, expected_labels=expected)  # fail here, not in an actor
-    parent_schema = pq.read_schema(parent.shard_paths[0]) if parent.shard_paths else None
+    parent_schema = parquet_schema(parent.shard_paths[0]) if parent.shard_paths else None
     if parent_schema is not None and scoring.text_column not in parent_schema.names:
         raise ValueError(f"scoring.text_column: {parent.path} has no {scoring.text_column!r} column ({parent_schema.names})")
     step_config = {**scoring.model_dump(mode="json", exclude={"classifier", "input", "workers", "batch_size"}),
                    "classifier_id": classifier.classifier_id}
     derived = DerivedVersion.plan(config, parent, "score", step_config, SCORE_CODE, output_root)
-    with derived.writing() as staging:
-        if staging is None:
+    with derived.writing() as version_dir:
+        if version_dir is None:
             return derived.reused(started)
         schema = score_schema(parent_schema, classifier.labels) if parent_schema is not None else pa.schema([])
-        writer = ShardWriter(staging / SHARD_DIR, schema, config)
+        writer = ShardWriter(version_dir / SHARD_DIR, schema, config)
         unscored = no_model = truncated = 0
         max_chars = classifier.normalizer.config.max_chars
         try:
@@ -97,7 +106,7 @@ def score_version(
                     truncated += pc.sum(pc.cast(pc.greater(lengths, max_chars), pa.int64())).as_py() or 0
         finally:
             writer.close()
-        shards = [describe_shard(p, staging, config.output.tokenizer, scoring.text_column) for p in writer.paths]
+        shards = [describe_shard(p, version_dir, config.output.tokenizer, scoring.text_column) for p in writer.paths]
         extra = {
             "classifier": {"classifier_id": classifier.classifier_id, "path": str(classifier.path),
                            "labels": classifier.labels,
@@ -105,7 +114,7 @@ def score_version(
             "scoring": {"scored": sum(s["rows"] for s in shards) - unscored, "empty": unscored - no_model,
                         "no_classifier_for_language": no_model, "truncated": truncated},
         }
-        final, manifest = derived.publish(staging, config, schema, shards, Counter(), extra)
+        final, manifest = derived.publish(version_dir, config, schema, shards, Counter(), extra)
     return StepResult(final, manifest, reused=False, seconds=time.perf_counter() - started)
 
 
@@ -119,7 +128,7 @@ def _scored_batches(parent: DatasetVersion, classifier: QualityClassifier, confi
     # the scoring actors hold when there is one actor per CPU. The V2 datasource adds a file-listing task that
     # always asks for one, so the V1 reader (plain read tasks that take num_cpus) is used.
     context.use_datasource_v2 = False
-    dataset = ray.data.read_parquet([str(p) for p in parent.shard_paths], num_cpus=0)
+    dataset = ray.data.read_parquet(**arrow_dataset_source(parent.shard_paths), num_cpus=0)
     dataset = dataset.map_batches(
         ScoreBatch,
         fn_constructor_kwargs={"classifier_path": str(classifier.path), "text_column": scoring.text_column,

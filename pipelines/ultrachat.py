@@ -33,15 +33,13 @@ from tqdm import tqdm
 from core.accounting import Accounting
 from core.code_version import code_version
 from core.config import ConfigError
-from core.io import atomic_path, atomic_write_text, canonical_json, sha256_file
-from core.manifest import build_manifest, dataset_card
+from core.io import atomic_path, canonical_json, sha256_file
+from core.manifest import build_manifest, dataset_card, finish_version
 from core.runtime import ensure_ray, gather
 from core.versions import (
-    CARD_NAME,
-    MANIFEST_NAME,
     WORK_DIR,
     compute_version_id,
-    publish,
+    entry_dir,
     published_manifest,
     resolve_latest,
     version_lock,
@@ -327,13 +325,11 @@ def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path
     kept, filtered, filter_names = filter_parts(config, chunks, plan.index)
     survivors, deduplicated = remove_duplicates(config, kept)
 
-    staging = work / "staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    version_dir = entry_dir(root, plan.version_id)
     tokenizer = load_tokenizer(plan.models["tokenizer"])
     per_shard = config.output.rows_per_shard
     compression = None if config.output.compression == "none" else config.output.compression
-    shards = [write_shard(survivors[start : start + per_shard], staging, number, compression, tokenizer)
+    shards = [write_shard(survivors[start : start + per_shard], version_dir, number, compression, tokenizer)
               for number, start in enumerate(range(0, max(len(survivors), 1), per_shard))]
     manifest = build_manifest(
         version_id=plan.version_id, name=config.name, kind="ultrachat-sft", parent=None,
@@ -343,11 +339,9 @@ def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path
         extra={"models": plan.models["ids"], "generation_id": plan.generation_id, "chat_template": CHAT_TEMPLATE,
                "families": {f: sum(1 for r in survivors if r["family"] == f) for f in config.families.enabled()}},
     )
-    atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
-    atomic_write_text(staging / CARD_NAME, dataset_card(
+    final = finish_version(version_dir, manifest, dataset_card(
         manifest, description=CARD_DESCRIPTION, rows_label="dialogues", inputs_label="seeds",
         loading=CARD_LOADING, sections=card_sections(manifest)))
-    final = publish(staging, root, plan.version_id)
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return final, manifest, generated

@@ -20,6 +20,7 @@ from pathlib import Path
 from core.config import ConfigError
 from core.manifest import verify_version
 from core.runtime import TasksFailed
+from core.storage import AnyPath, location
 from core.versions import DatasetVersion
 from pipelines.config import STEP_ORDER, UltraCleanConfig, load_config
 from pipelines.derived import StepResult
@@ -117,14 +118,14 @@ class StepRun:
 
     config: UltraCleanConfig
     base_dir: Path
-    output: Path | None
-    version: Path | None
-    classifier: Path | None
+    output: AnyPath | None
+    version: AnyPath | None
+    classifier: AnyPath | None
     classifier_config: ClassifierConfig | None
 
     @property
-    def version_or_root(self) -> Path:
-        return self.version or self.output or Path(self.config.output.root)
+    def version_or_root(self) -> AnyPath:
+        return self.version or self.output or location(self.config.output.root)
 
 
 def _ingest(run: StepRun) -> None:
@@ -160,9 +161,9 @@ def _score(run: StepRun) -> None:
     config = run.config
     if run.classifier is None:
         if config.scoring.classifier:
-            run.classifier = Path(config.scoring.classifier)
+            run.classifier = location(config.scoring.classifier)
         elif config.classifier is not None:
-            run.classifier = Path(config.classifier.output_root)
+            run.classifier = location(config.classifier.output_root)
         else:
             raise ConfigError("scoring.classifier: no classifier to score with (set it, pass --classifier, "
                               "or add a classifier section and train one)")
@@ -200,14 +201,14 @@ STEPS: dict[str, Callable[[StepRun], None]] = {
 }
 
 
-def run_steps(config: UltraCleanConfig, base_dir: Path, steps: list[str], output: Path | None = None,
-              version: Path | None = None, classifier: Path | None = None) -> Path | None:
+def run_steps(config: UltraCleanConfig, base_dir: Path, steps: list[str], output: AnyPath | None = None,
+              version: AnyPath | None = None, classifier: AnyPath | None = None) -> AnyPath | None:
     """Run the steps in pipeline order, each feeding the next; returns the last dataset version written."""
     if version is None:
         configured = {"score": config.scoring.input, "select": config.select.input if config.select else None}
         first = next((s for s in STEP_ORDER if s in steps and s in configured), None)
         if first and configured[first]:
-            version = Path(configured[first])
+            version = location(configured[first])
     run = StepRun(config, base_dir, output, version, classifier, config.classifier)
     for step in STEP_ORDER:
         if step in steps:
@@ -233,8 +234,8 @@ def _run(argv: list[str], command: str = "run") -> int:
         raise ConfigError("select: the select step needs a select section (threshold or top_fraction)")
     version = getattr(args, "version", None)
     classifier = getattr(args, "classifier", None)
-    run_steps(config, base_dir, steps, Path(args.output) if args.output else None,
-              Path(version) if version else None, Path(classifier) if classifier else None)
+    run_steps(config, base_dir, steps, location(args.output) if args.output else None,
+              location(version) if version else None, location(classifier) if classifier else None)
     return 0
 
 

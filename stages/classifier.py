@@ -22,8 +22,10 @@ import ctypes
 import ctypes.util
 import hashlib
 import json
+import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,7 +38,8 @@ from core.code_version import code_version
 from core.config import Strict
 from core.figures import save_figure
 from core.io import atomic_write_text, canonical_json, sha256_file
-from core.versions import new_staging, open_entry, publish
+from core.storage import AnyPath, local_copy, resolve_root
+from core.versions import open_entry, publish_directory
 from model.tokenizer import train_bpe_tokenizer
 from stages.langid import LangIdConfig, LanguageIdentifier
 from stages.normalize import NormalizeConfig, Normalizer, make_normalizer, prepare_for_tokenizer
@@ -178,7 +181,7 @@ class QualityClassifier:
         self.label_order = [self.labels["positive"], self.labels["negative"]]
 
     @classmethod
-    def load(cls, path: str | Path, expected_labels: ClassifierLabels | None = None) -> QualityClassifier:
+    def load(cls, path: str | os.PathLike, expected_labels: ClassifierLabels | None = None) -> QualityClassifier:
         """Open a classifier directory (or a root with ``latest``); check the model files and their labels."""
         path, metadata = open_entry(path, METADATA_NAME, CLASSIFIER_ID, CLASSIFIER_FORMAT,
                                     "a trained classifier (train one first)", ClassifierError)
@@ -192,11 +195,11 @@ class QualityClassifier:
             model_path = path / entry["model_file"]
             if not model_path.is_file():
                 raise ClassifierError(f"classifier model file missing: {model_path} (named in {METADATA_NAME})")
-            models[language] = fasttext.load_model(str(model_path))
+            models[language] = fasttext.load_model(str(local_copy(model_path)))
             if sorted(models[language].get_labels()) != sorted(metadata["labels"].values()):
                 raise ClassifierError(f"{model_path} predicts labels {sorted(models[language].get_labels())}, but "
                                       f"{METADATA_NAME} declares {sorted(metadata['labels'].values())}")
-        tokenizer = path / metadata["tokenizer_file"] if metadata["tokenizer_file"] else None
+        tokenizer = local_copy(path / metadata["tokenizer_file"]) if metadata["tokenizer_file"] else None
         normalizer = make_normalizer(NormalizeConfig.model_validate(metadata["normalize"]), tokenizer)
         return cls(path, metadata, models, normalizer)
 
@@ -248,7 +251,7 @@ class QualityClassifier:
 
 @dataclass
 class ClassifierResult:
-    path: Path
+    path: AnyPath
     metadata: dict
     reused: bool
 
@@ -377,11 +380,12 @@ def prepare_tokenizer(config: ClassifierConfig, pools: SeedPools, staging: Path)
     return TOKENIZER_NAME
 
 
-def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path | None = None) -> ClassifierResult:
+def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: str | os.PathLike | None = None
+                     ) -> ClassifierResult:
     """Assemble the seed pools, train one fastText model per language on its training split, evaluate each on its
     held-out split, publish."""
     pools = assemble_seed_pools(config.seeds, base_dir)
-    root = Path(output_root or config.output_root).resolve()
+    root = resolve_root(output_root or config.output_root)
     cid = classifier_id(config, pools)
     final = root / cid
     if (final / METADATA_NAME).is_file():
@@ -390,8 +394,8 @@ def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path
     if not by_language:
         raise ClassifierError(f"no language has seeds in both pools (languages {config.languages}: {skipped}); "
                               "add seeds, or set classifier.languages to null for one classifier")
-    staging = new_staging(root, cid)
-    try:
+    with tempfile.TemporaryDirectory(prefix=f"{cid}-") as scratch:
+        staging = Path(scratch)
         tokenizer_file = prepare_tokenizer(config, pools, staging)
         normalizer = make_normalizer(config.normalize, staging / tokenizer_file if tokenizer_file else None)
         metadata = {
@@ -413,10 +417,8 @@ def train_classifier(config: ClassifierConfig, base_dir: Path, output_root: Path
             entry, models[language] = _train_language(config, language, positive, negative, normalizer, staging)
             metadata["languages"][language] = entry
         atomic_write_text(staging / METADATA_NAME, canonical_json(metadata))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return ClassifierResult(publish(staging, root, cid), metadata, reused=False)
+        final = publish_directory(staging, root, cid, METADATA_NAME)
+    return ClassifierResult(final, metadata, reused=False)
 
 
 def _train_language(config: ClassifierConfig, language: str, positive: list[str], negative: list[str],

@@ -25,6 +25,7 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
 from core.config import Strict
+from core.storage import open_input
 from stages.base import Stage
 
 InputFormat = Literal["warc", "wet", "jsonl", "parquet"]
@@ -63,7 +64,7 @@ def detect_format(path: Path) -> InputFormat:
 
 
 def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
-    raw = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    raw = open_input(path)
     if raw.peek(2)[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
     return raw
@@ -257,7 +258,7 @@ class InputReader(Stage):
 
     def _read_parquet(self) -> Iterator[Document]:
         try:
-            parquet = pq.ParquetFile(self.path)
+            parquet = pq.ParquetFile(open_input(self.path), memory_map=False)
         except (pa.ArrowException, OSError) as error:
             self.quarantine(self.path.name, "file", f"not a readable Parquet file: {error}", records=0)
             return

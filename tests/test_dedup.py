@@ -115,7 +115,7 @@ def test_partitioned_components_find_the_same_clusters_as_union_find(ray_local, 
         parts.append((part, str(path)))
     config = DedupConfig.model_validate({"minhash": {"num_bands": bands, "rows_per_band": 1},
                                          "rows_per_partition": 1500})  # 1,200 docs x 6 bands -> 5 partitions
-    result = deduplicate(parts, len(rows), config, tmp_path / "work", max_retries=0)
+    result = deduplicate(parts, len(rows), config, tmp_path / "work", task_options={"num_cpus": 1, "max_retries": 0})
     exact, near = _union_find_duplicates(rows)
     found = {int(o) for part, _ in parts for o in removed_orders(result.removed, part)}
     assert result.partitions == 5 and result.rounds >= 3

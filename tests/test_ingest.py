@@ -240,14 +240,20 @@ def test_resume_skips_finished_parts(ray_local, real_inputs, real_run, tmp_path)
     root = tmp_path / "out"
     first = run_ingest(config, REPO, root)
     work = root / ".work" / first.version_path.name
-    # an interrupted run: the version was never published and one input's part never finished
-    shutil.rmtree(first.version_path)
+    # an interrupted run: one input's part never finished, one shard was written, the manifest (written last) never
+    (first.version_path / "manifest.json").unlink()
     (root / "latest").unlink()
     (work / "parts" / "part-00002.parquet").unlink()
-    shutil.rmtree(work / "staging", ignore_errors=True)
+    shards = sorted((first.version_path / "data").glob("*.parquet"))
+    for shard in shards[1:]:
+        shard.unlink()
     kept_stats = (work / "parts" / "part-00000.parquet.json").stat().st_mtime_ns
+    kept_shard = shards[0].stat().st_mtime_ns
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):  # readers never trust a version without one
+        DatasetVersion.open(first.version_path)
     resumed = run_ingest(config, REPO, root)
     assert (work / "parts" / "part-00000.parquet.json").stat().st_mtime_ns == kept_stats  # not recomputed
+    assert shards[0].stat().st_mtime_ns == kept_shard
     assert (work / "parts" / "part-00002.parquet").is_file()
     assert _shard_hashes(resumed.version_path) == _shard_hashes(real_run.version_path)
 

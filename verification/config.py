@@ -157,6 +157,15 @@ class VerificationConfig(Strict):
     evaluation: EvaluationConfig
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
 
+    @field_validator("work_dir")
+    @classmethod
+    def work_dir_is_local(cls, value: str) -> str:
+        # checkpoints, token caches and memory-mapped windows are written and read by torch and numpy in place
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(f"{value!r}: the verification work directory must be a local (or shared) path; data "
+                             "sources and candidates may be on object storage")
+        return value.removeprefix("file://")
+
     @model_validator(mode="after")
     def _consistent(self) -> VerificationConfig:
         names = [c.name for c in self.candidates]

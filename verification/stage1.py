@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from core.code_version import code_version
 from core.io import atomic_path, atomic_write_text, canonical_json, sha256_file
+from core.storage import location
 from core.versions import DatasetVersion
 from model.data import DataSource
 from model.train import TrainConfig, train
@@ -45,7 +46,7 @@ class Stage1Checkpoint:
 
 def source_fingerprint(path: str, text_column: str = "content") -> dict:
     """What a data source's content is: a dataset version's id (content-addressed), else its files' sha256s."""
-    if Path(path).is_dir():
+    if location(path).is_dir():
         return {"version_id": DatasetVersion.open(path).version_id, "text_column": text_column}
     files = DataSource(path, text_column=text_column).files()
     return {"sha256": [sha256_file(f) for f in files], "text_column": text_column}
