@@ -28,6 +28,9 @@ from core.storage import glob_files, location
 from core.versions import DatasetVersion
 from pipelines.config import parse_config
 from pipelines.ingest import run_ingest
+from pipelines.score import score_version
+from pipelines.selection import select_version
+from stages.classifier import ClassifierConfig, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "crawl-bucket"
@@ -145,6 +148,36 @@ def test_bucket_version_verifies_and_resumes_from_what_is_on_the_bucket(local_ru
     assert _manifest_bytes(resumed.version_path) == _manifest_bytes(local_run.version_path)
     assert verify_version(str(root)) == []
     assert run_ingest(config, REPO, str(root)).reused
+
+
+def test_classifier_score_and_select_on_the_bucket(local_run, shared_data, tmp_path):
+    """Artefact roots on the store: a classifier trained into the bucket scores the bucket's version (Ray Data reads
+    it through the same filesystem) into the bucket, and the selection lands there too, as on local disk."""
+    classifier_config = ClassifierConfig.model_validate({
+        "seeds": {"positive": {"sources": [{"path": str(shared_data / "text/wikitext-2/valid.txt"), "split": "line",
+                                            "min_chars": 200, "max_documents": 100}]},
+                  "negative": {"sources": [{"path": str(shared_data / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz"),
+                                            "text_key": "text", "max_documents": 100}]}},
+        "fasttext": {"dim": 8, "bucket": 10_000, "epoch": 3, "lr": 0.5, "seed": 0, "minCount": 1},
+        "languages": None,
+    })
+    classifier = train_classifier(classifier_config, tmp_path, f"s3://{BUCKET}/classifiers").path
+    assert str(classifier).startswith(f"s3://{BUCKET}/classifiers/")
+    assert (location(f"s3://{BUCKET}/classifiers") / "latest").read_text().strip() == classifier.name
+    config = parse_config({**_config(f"s3://{BUCKET}/crawl/*"), "steps": ["score", "select"],
+                           "scoring": {"batch_size": 8, "workers": 1},
+                           "select": {"mode": "top_fraction", "top_fraction": 0.5}})
+    parent = run_ingest(config, REPO, f"s3://{BUCKET}/out").version_path  # the bucket's version, reused
+    results = {}
+    for where, root, source in (("bucket", f"s3://{BUCKET}/steps", parent),
+                                ("local", str(tmp_path / "steps"), local_run.version_path)):
+        scored = score_version(config, source, f"s3://{BUCKET}/classifiers", root)
+        selected = select_version(config, scored.version_path, root)
+        results[where] = (scored, selected)
+        assert verify_version(str(scored.version_path)) == [] and verify_version(root) == []
+    for bucket, local in zip(results["bucket"], results["local"]):
+        assert _manifest_bytes(bucket.version_path) == _manifest_bytes(local.version_path)
+    assert 0 < results["bucket"][1].manifest["totals"]["rows"] < local_run.manifest["totals"]["rows"]
 
 
 @pytest.fixture(scope="module")
