@@ -4,7 +4,9 @@ Llama-style decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention) with MiniCP
 embeddings times ``scale_emb``, every residual branch times ``scale_depth / sqrt(num_hidden_layers)``, and the
 final hidden state divided by ``hidden_size / dim_model_base`` before the LM head. With scale_emb = 1,
 scale_depth = sqrt(L) and dim_model_base = hidden_size the model is exactly Llama, which is how Llama checkpoints
-load. Parameter names match the Hugging Face weight names, so a state dict maps one to one onto safetensors.
+load. Two switches cover the Qwen families: ``qkv_bias`` (Qwen2 / Qwen2.5: biases on the q, k and v projections,
+none on o) and ``qk_norm`` (Qwen3: an RMSNorm over each head's queries and keys before RoPE). Parameter names
+match the Hugging Face weight names, so a state dict maps one to one onto safetensors.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _METADATA_KEYS = {
     "auto_map",
     "model_type",
     "torch_dtype",
+    "dtype",
     "transformers_version",
     "use_cache",
     "pad_token_id",
@@ -43,6 +46,13 @@ _METADATA_KEYS = {
     "mlp_bias",
     # Read only by MiniCPM's Eagle draft heads; the MiniCPM4 decoder forward never uses it.
     "mup_denominator",
+    # Qwen's sliding-window settings: inert while use_sliding_window is false, which _REQUIRED_VALUES demands.
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "layer_types",
+    # transformers >= 5 spells rope_theta / rope_scaling as one dict; from_dict unfolds it.
+    "rope_parameters",
 }
 # Architecture switches we know, with the only value this implementation computes correctly.
 _REQUIRED_VALUES = {
@@ -51,8 +61,9 @@ _REQUIRED_VALUES = {
     "mlp_bias": False,
     "pretraining_tp": 1,
     "attention_dropout": 0.0,
+    "use_sliding_window": False,
 }
-_SUPPORTED_MODEL_TYPES = {"minicpm", "llama", None}
+_SUPPORTED_MODEL_TYPES = {"minicpm", "llama", "qwen2", "qwen3", None}
 _ROPE_TYPES = {"default", "longrope"}
 
 
@@ -69,6 +80,8 @@ class MiniCPMConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5
+    qk_norm: bool = False  # Qwen3
     # Defaults are the Llama identity; MiniCPM configs set all three.
     scale_emb: float = 1.0
     scale_depth: float | None = None  # None: sqrt(num_hidden_layers)
@@ -120,7 +133,9 @@ class MiniCPMConfig:
         """Build from a Hugging Face config.json dict (MiniCPM or Llama); unknown keys are errors, not ignored."""
         model_type = d.get("model_type")
         if model_type not in _SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported (supported: minicpm, llama)")
+            raise ValueError(
+                f"model_type {model_type!r} is not supported (supported: minicpm, llama, qwen2, qwen3)"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in d if k not in known and k not in _METADATA_KEYS)
         if unknown:
@@ -131,17 +146,30 @@ class MiniCPMConfig:
         for key, required in _REQUIRED_VALUES.items():
             if key in d and d[key] != required:
                 raise ValueError(f"{key}={d[key]!r} is not supported (only {required!r})")
+        windowed = sorted({t for t in d.get("layer_types") or () if t != "full_attention"})
+        if windowed:
+            raise ValueError(f"layer_types {windowed} are not supported (only full_attention)")
         kwargs = {k: v for k, v in d.items() if k in known}
+        rope = d.get("rope_parameters")
+        if rope is not None:
+            kwargs["rope_theta"] = rope.get("rope_theta", cls.rope_theta)
+            if rope.get("rope_type", "default") != "default":
+                kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         if model_type == "minicpm":
             # Hugging Face MiniCPM's own defaults differ from the Llama identity used by this dataclass.
             kwargs.setdefault("scale_emb", 1.0)
             kwargs.setdefault("scale_depth", 1.0)
             kwargs.setdefault("dim_model_base", 1)
             kwargs.setdefault("tie_word_embeddings", False)
-        if model_type == "llama":
+        if model_type in ("llama", "qwen2", "qwen3"):
             kwargs.setdefault("tie_word_embeddings", False)
             if kwargs.get("head_dim") is None:
                 kwargs.pop("head_dim", None)
+        # Hugging Face's Qwen classes fix these in code, not in config.json.
+        if model_type == "qwen2":
+            kwargs["qkv_bias"] = True
+        if model_type == "qwen3":
+            kwargs["qk_norm"] = True
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,15 +282,24 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.sparse_config = config.sparse_config
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, layer_idx, cache, attention_mask):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -327,6 +364,8 @@ class MiniCPMForCausalLM(nn.Module):
             nn.init.normal_(
                 module.weight, std=self.config.initializer_range / math.sqrt(self.config.width_mult)
             )
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
 
@@ -437,7 +476,7 @@ class MiniCPMForCausalLM(nn.Module):
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> MiniCPMForCausalLM:
-        """Load a MiniCPM or Llama checkpoint directory; dtype defaults to the stored one."""
+        """Load a MiniCPM, Llama, Qwen2 / Qwen2.5 or Qwen3 checkpoint directory; dtype defaults to the stored one."""
         path = Path(path)
         config_path = path / CONFIG_NAME
         if not config_path.is_file():
