@@ -68,6 +68,7 @@ from sft_synth.filters import (
     dialogue_filters,
     duplicates,
 )
+from sft_synth.generation.chat_template import TEMPLATE_FILE_NAME, ChatTemplate
 from sft_synth.seeds import Seed, build_seeds, source_fingerprints
 from stages.dedup import MinHasher
 
@@ -103,7 +104,8 @@ def resolve_checkpoint(path: str, base_dir: Path, what: str) -> Path:
 def model_id(checkpoint: Path) -> str:
     """Directory name plus a hash of the config and weights: the same id means the same model."""
     digest = hashlib.sha256()
-    for file in sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors")):
+    files = sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors"))
+    for file in files + sorted(checkpoint.glob(TEMPLATE_FILE_NAME)):
         digest.update(file.name.encode())
         digest.update(sha256_file(file).encode())
     return f"{checkpoint.name}@{digest.hexdigest()[:12]}"
@@ -132,10 +134,12 @@ class DialogueWorker:
         torch.set_num_threads(threads)
         self.config = UltraChatConfig.model_validate(config_data)
         dtype = getattr(torch, self.config.models.dtype) if self.config.models.dtype else None
+        self.template = ChatTemplate.from_checkpoint(models["target"])
+        # A checkpoint's template writes its own BOS token where it wants one; ChatML prompts get <s> first.
         self.engine = GenerationEngine.from_pretrained(
             models["target"], models["draft"], tokenizer_path=models["tokenizer"], frspec=self.config.models.frspec,
             device=self.config.models.device, dtype=dtype, speculative=self.config.models.speculative,
-            max_batch_size=self.config.models.max_batch_size,
+            max_batch_size=self.config.models.max_batch_size, add_bos=self.template.is_chatml,
         )
         self.model_ids = models["ids"]
 
@@ -144,7 +148,8 @@ class DialogueWorker:
 
         started = time.perf_counter()
         family = chunk["family"]
-        synthesizer = DialogueSynthesizer(self.engine, family, getattr(self.config.families, family), self.config.seed)
+        synthesizer = DialogueSynthesizer(self.engine, family, getattr(self.config.families, family), self.config.seed,
+                                          self.template)
         records = synthesizer.synthesize([Seed(**seed) for seed in chunk["seeds"]], chunk["index"])
         rows = [
             {**record, "order": chunk["first_order"] + position, "language": None,
@@ -331,16 +336,17 @@ def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     tokenizer = load_tokenizer(plan.models["tokenizer"])
+    template = ChatTemplate.from_checkpoint(plan.models["target"])
     per_shard = config.output.rows_per_shard
     compression = None if config.output.compression == "none" else config.output.compression
-    shards = [write_shard(survivors[start : start + per_shard], staging, number, compression, tokenizer)
+    shards = [write_shard(survivors[start : start + per_shard], staging, number, compression, tokenizer, template)
               for number, start in enumerate(range(0, max(len(survivors), 1), per_shard))]
     manifest = build_manifest(
         version_id=plan.version_id, name=config.name, kind="ultrachat-sft", parent=None,
         code_version=code_version(*SYNTHESIS_CODE), inputs=plan.inputs, config=plan.config,
         schema=SHARD_SCHEMA, shards=shards, accounting=generation_accounting(chunks, filtered) + deduplicated,
         stage_order=["generation", *filter_names, "dedup"],
-        extra={"models": plan.models["ids"], "generation_id": plan.generation_id, "chat_template": CHAT_TEMPLATE,
+        extra={"models": plan.models["ids"], "generation_id": plan.generation_id, "chat_template": template.source or CHAT_TEMPLATE,
                "families": {f: sum(1 for r in survivors if r["family"] == f) for f in config.families.enabled()}},
     )
     atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))

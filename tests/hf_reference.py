@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from jinja2.exceptions import TemplateError
 
 ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
@@ -62,7 +63,7 @@ def chat(dir: str, messages: list[dict], add_generation_prompt: bool, out: str) 
     try:
         text = {"text": tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)}
-    except Exception as error:  # the test compares the message of a template's raise_exception
+    except TemplateError as error:  # the test compares the message of a template's raise_exception
         text = {"error": str(error)}
     Path(out).write_text(json.dumps(text))
 
