@@ -1,7 +1,7 @@
 """The synthesized SFT dataset on disk: one dialogue per row, Parquet and JSONL shards of a dataset version.
 
 Rows hold ``messages`` (``{role, content}``; assistant tool calls in the OpenAI shape with ``tool_calls``, tool
-results with ``tool_call_id``), ``family``, ``source_seed``, ``tools`` (JSON, as LLaMA-Factory expects), the
+results with ``tool_call_id``), ``family``, ``source_seed`` (with the gold answer where the seed knows it), ``tools`` (JSON, as LLaMA-Factory expects), the
 instruction ``constraints`` (JSON), the generation settings and the model ids. Versions follow the UltraClean
 scheme (``core.versions``, ``core.manifest``): manifest with shards, accounting and stage table, a card, ``latest``.
 """
@@ -38,7 +38,8 @@ SHARD_SCHEMA = pa.schema([
     ("messages", pa.list_(MESSAGE)),
     ("tools", pa.string()),
     ("constraints", pa.string()),
-    ("source_seed", pa.struct([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])),
+    ("source_seed", pa.struct([("id", pa.string()), ("source", pa.string()), ("text", pa.string()),
+                               ("answer", pa.string())])),
     ("language", pa.string()),
     ("generated_tokens", pa.int64()),
     ("generation_settings", pa.string()),

@@ -196,7 +196,7 @@ class DialogueSynthesizer:
             "messages": state.messages,
             "tools": json.dumps(seed.tools, ensure_ascii=False, sort_keys=True) if seed.tools else "",
             "constraints": json.dumps(seed.constraints, sort_keys=True) if seed.constraints else "",
-            "source_seed": {"id": seed.id, "source": seed.source, "text": seed.material},
+            "source_seed": {"id": seed.id, "source": seed.source, "text": seed.material, "answer": seed.answer},
             "generated_tokens": state.generated_tokens,
             "truncated": state.truncated,
             "tool_call_error": state.tool_call_error,

@@ -29,7 +29,9 @@ from model.tokenizer import train_bpe_tokenizer
 from pipelines.ultrachat import main, run_ultrachat
 from sft_synth.chat_format import render_prompt, render_with_template
 from sft_synth.config import (
+    AnswersFilterConfig,
     DecontaminationConfig,
+    GroundingFilterConfig,
     LanguageFilterConfig,
     LengthFilterConfig,
     load_config,
@@ -38,9 +40,11 @@ from sft_synth.config import (
 from sft_synth.constraints import CONSTRAINTS, violated
 from sft_synth.dataset import render_row
 from sft_synth.filters import (
+    AnswerFilter,
     BenchmarkIndex,
     ConstraintFilter,
     DecontaminationFilter,
+    GroundingFilter,
     LanguageFilter,
     LengthRepetitionFilter,
     ToolCallFilter,
@@ -133,6 +137,49 @@ def test_constraint_filter_checks_the_answer_to_the_instruction():
     kept, reasons = run_stage(ConstraintFilter(), [good, bad, record(order=2)])
     assert [r["order"] for r in kept] == [0, 2]
     assert reasons == {"constraint_include_keywords": 1}
+
+
+GSM8K_QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                  "How many clips did Natalia sell altogether in April and May?")
+
+
+def reasoning(answer, gold="72", order=0):
+    return record("reasoning", answer=answer, question=GSM8K_QUESTION, order=order,
+                  source_seed={"id": "train.jsonl:0", "source": "train.jsonl", "text": GSM8K_QUESTION, "answer": gold})
+
+
+def test_answer_filter_keeps_only_replies_whose_final_number_is_the_gold_answer():
+    replies = [
+        ("In May she sold 48 / 2 = 24 clips, so 48 + 24 = 72 in all.\n#### 72", "72", None),
+        ("48 + 24 = 72. The answer is 72.", "72", None),
+        ("Altogether that is $1,200.00.", "1200", None),  # currency, separators and decimals compare as numbers
+        ("She sold 48 + 24 clips, 72 in total.", "72", None),  # no marker: the last number
+        ("She sold 48 + 24 = 70 clips.\n#### 70", "72", "answer_wrong"),
+        ("The answer is 72, since 24 were sold in May.", "72", None),  # the stated answer, not the last number
+        ("In April the clips went out,\nin May the half came about.", "72", "answer_missing"),  # verse, no number
+        ("#### 72", None, None),  # no gold answer: nothing to check
+    ]
+    records = [reasoning(text, gold, order) for order, (text, gold, _) in enumerate(replies)]
+    records.append(record(order=len(records), answer="No numbers here at all, and this is no reasoning dialogue."))
+    kept, reasons = run_stage(AnswerFilter(AnswersFilterConfig()), records)
+    assert [r["order"] for r in kept] == [i for i, case in enumerate(replies) if case[2] is None] + [len(replies)]
+    assert reasons == {"answer_wrong": 1, "answer_missing": 1}
+
+
+def test_grounding_filter_measures_content_word_overlap_with_the_passage():
+    passage = ("Photosynthesis takes place in chloroplasts. Green plants absorb sunlight with chlorophyll and turn "
+               "water and carbon dioxide into glucose, releasing oxygen.")
+    seed = {"id": "docs:0", "source": "docs", "text": passage, "answer": None}
+    # content words of the answer: chloroplasts, absorb, sunlight, release, oxygen, leaves -> 4 of 6 in the passage
+    grounded = record(answer="Chloroplasts absorb sunlight and release oxygen from the leaves.", source_seed=seed)
+    # volcanoes, erupt, magma, rises, crust, oxygen -> 1 of 6
+    drifted = record(answer="Volcanoes erupt when magma rises through the crust, with oxygen.", order=1,
+                     source_seed=seed)
+    other_family = {**drifted, "family": "instruction", "order": 2}
+    kept, reasons = run_stage(GroundingFilter(GroundingFilterConfig(min_overlap=0.5)), [grounded, drifted, other_family])
+    assert [r["order"] for r in kept] == [0, 2] and reasons == {"ungrounded": 1}
+    kept, _ = run_stage(GroundingFilter(GroundingFilterConfig(min_overlap=0.15)), [drifted])
+    assert len(kept) == 1  # 1/6 = 0.167 passes a threshold of 0.15
 
 
 def tool_dialogue(order, name="get_weather", arguments=None, *, answered=True):
@@ -267,7 +314,7 @@ def job(tmp_path_factory):
                          "tools_per_seed": 2, "tool_prompt": "You are {tool}. Answer {call}.", "tool": short},
         },
         "filters": {"length": {"min_chars": 0, "max_repeated_ngram_fraction": 1.0, "drop_truncated": False},
-                    "language": {"enabled": False},
+                    "language": {"enabled": False}, "answers": {"enabled": False}, "grounding": {"enabled": False},
                     "decontamination": {"benchmarks": [{"path": str(GSM8K / "test.jsonl"), "format": "gsm8k"}]}},
         "output": {"root": "out", "keep_work": True},
         "ray": {"num_actors": 2, "cpus_per_actor": 1},
@@ -387,6 +434,11 @@ def test_seeds_are_deterministic_and_drawn_from_their_sources(job):
         assert CONSTRAINTS[seed.constraints[0]["kind"]].describe(seed.constraints[0]) in seed.opening
     for seed in seeds["tool_use"]:
         assert seed.tool == seed.tools[0]["function"]["name"] and len(seed.tools) == 2
+    gsm8k = [json.loads(line) for line in (GSM8K / "train.jsonl").read_text().splitlines()]
+    for seed in seeds["reasoning"]:
+        item = gsm8k[int(seed.id.rsplit(":", 1)[1])]
+        assert seed.opening == item["question"]
+        assert seed.answer == item["answer"].split("\n")[-1].removeprefix("#### ") and seed.answer.isdigit()
 
 
 def test_config_errors_name_the_key_and_missing_models_are_named(job, tmp_path):
