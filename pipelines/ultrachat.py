@@ -69,6 +69,7 @@ from sft_synth.filters import (
     duplicates,
 )
 from sft_synth.generation.chat_template import TEMPLATE_FILE_NAME, ChatTemplate
+from sft_synth.quality import GenerationChecks, part_checks, quality_report, quality_section, write_quality
 from sft_synth.seeds import Seed, build_seeds, source_fingerprints
 from stages.dedup import MinHasher
 
@@ -214,9 +215,11 @@ def generate_parts(config: UltraChatConfig, chunks: list[dict], models: dict) ->
 
 @ray.remote
 def filter_part(part_path: str, config_data: dict, index: BenchmarkIndex | None) -> dict:
-    """Phase 2 for one part: the per-dialogue filters; kept rows come back with their dedup keys."""
+    """Phase 2 for one part: the per-dialogue filters; kept rows come back with their dedup keys, and the task
+    checks of every generated dialogue with them."""
     config = UltraChatConfig.model_validate(config_data)
     records = pq.read_table(part_path).to_pylist()
+    checks = part_checks(records, config.filters)
     accounting = Accounting(records_in=len(records))
     docs = (as_document(record) for record in records)
     stages = dialogue_filters(config.filters, index, accounting)
@@ -228,7 +231,8 @@ def filter_part(part_path: str, config_data: dict, index: BenchmarkIndex | None)
         record = doc.metadata["record"]
         record["content_hash"], record["minhash_bands"] = dedup_keys(doc.text, record["language"] or "en", hasher)
         kept.append(record)
-    return {"kept": kept, "accounting": accounting.as_dict(), "stages": [stage.name for stage in stages]}
+    return {"kept": kept, "accounting": accounting.as_dict(), "stages": [stage.name for stage in stages],
+            "checks": checks}
 
 
 def content_config(config: UltraChatConfig) -> dict:
@@ -276,16 +280,29 @@ def plan_synthesis(config: UltraChatConfig, base_dir: Path) -> SynthesisPlan:
     return SynthesisPlan(models, seeds, inputs, shaping, generation_id, version_id, index)
 
 
-def filter_parts(config: UltraChatConfig, chunks: list[dict], index: BenchmarkIndex | None
-                 ) -> tuple[list[dict], Accounting, list[str]]:
-    """Phase 2: the kept rows in seed order, the filters' accounting and the filter stage names."""
+@dataclass
+class FilterResults:
+    """Phase 2's outcome: kept rows in seed order; per family the filters' accounting and the task checks."""
+
+    kept: list[dict]
+    accounting: dict[str, Accounting]
+    checks: dict[str, GenerationChecks]
+    stages: list[str]
+
+
+def filter_parts(config: UltraChatConfig, chunks: list[dict], index: BenchmarkIndex | None) -> FilterResults:
     config_data = config.model_dump(mode="json")
     index_ref = ray.put(index)
     results = gather([filter_part.remote(chunk["part_path"], config_data, index_ref) for chunk in chunks],
                      "ultrachat: filter", labels=[Path(chunk["part_path"]).name for chunk in chunks])
-    accounting = sum((Accounting.from_dict(r["accounting"]) for r in results), Accounting())
+    accounting: dict[str, Accounting] = {}
+    checks: dict[str, GenerationChecks] = {}
+    for chunk, result in zip(chunks, results):  # a part holds one family
+        family = chunk["family"]
+        accounting[family] = accounting.get(family, Accounting()) + Accounting.from_dict(result["accounting"])
+        checks[family] = checks.get(family, GenerationChecks()) + result["checks"]
     kept = sorted((row for r in results for row in r["kept"]), key=lambda row: row["order"])
-    return kept, accounting, results[0]["stages"] if results else []
+    return FilterResults(kept, accounting, checks, results[0]["stages"] if results else [])
 
 
 def generation_accounting(chunks: list[dict], filtered: Accounting) -> Accounting:
@@ -296,8 +313,17 @@ def generation_accounting(chunks: list[dict], filtered: Accounting) -> Accountin
     return generation + replace(filtered, records_in=0)
 
 
-def remove_duplicates(config: UltraChatConfig, kept: list[dict]) -> tuple[list[dict], Accounting]:
-    """Phase 3: exact and near duplicates across the run, the first in seed order kept."""
+def family_accounting(chunks: list[dict], filtered: dict[str, Accounting], deduplicated: dict[str, Accounting]
+                      ) -> dict[str, Accounting]:
+    """Per family: its seeds through generation, the filters and dedup."""
+    families = dict.fromkeys(chunk["family"] for chunk in chunks)
+    return {family: generation_accounting([c for c in chunks if c["family"] == family],
+                                          filtered.get(family, Accounting())) + deduplicated.get(family, Accounting())
+            for family in families}
+
+
+def remove_duplicates(config: UltraChatConfig, kept: list[dict]) -> tuple[list[dict], dict[str, Accounting]]:
+    """Phase 3: exact and near duplicates across the run, the first in seed order kept; accounting per family."""
     frame = pl.DataFrame(
         {"order": [r["order"] for r in kept], "content_hash": [r["content_hash"] for r in kept],
          "minhash_bands": [r["minhash_bands"] for r in kept]},
@@ -305,9 +331,11 @@ def remove_duplicates(config: UltraChatConfig, kept: list[dict]) -> tuple[list[d
     )
     exact, near = duplicates(frame, config.filters.dedup)
     removed = set(exact.tolist()) | set(near.tolist())
-    accounting = Accounting()
-    accounting.drop("dedup", "exact_duplicate", len(exact))
-    accounting.drop("dedup", "near_duplicate", len(near))
+    family_of = {row["order"]: row["family"] for row in kept}
+    accounting: dict[str, Accounting] = {}
+    for reason, orders in (("exact_duplicate", exact), ("near_duplicate", near)):
+        for order in orders.tolist():
+            accounting.setdefault(family_of[order], Accounting()).drop("dedup", reason)
     return [row for row in kept if row["order"] not in removed], accounting
 
 
@@ -329,8 +357,10 @@ def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path
     (work / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     chunks = plan_chunks(config, plan.seeds, work / PARTS_DIR)
     generated = generate_parts(config, chunks, plan.models)
-    kept, filtered, filter_names = filter_parts(config, chunks, plan.index)
-    survivors, deduplicated = remove_duplicates(config, kept)
+    filtered = filter_parts(config, chunks, plan.index)
+    survivors, deduplicated = remove_duplicates(config, filtered.kept)
+    per_family = family_accounting(chunks, filtered.accounting, deduplicated)
+    stage_order = ["generation", *filtered.stages, "dedup"]
 
     staging = work / "staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -341,18 +371,22 @@ def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path
     compression = None if config.output.compression == "none" else config.output.compression
     shards = [write_shard(survivors[start : start + per_shard], staging, number, compression, tokenizer, template)
               for number, start in enumerate(range(0, max(len(survivors), 1), per_shard))]
+    quality = quality_report(list(config.families.enabled()), per_family, stage_order, filtered.checks, survivors)
+    reports = [{"path": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+               for path in write_quality(quality, staging)]
     manifest = build_manifest(
         version_id=plan.version_id, name=config.name, kind="ultrachat-sft", parent=None,
         code_version=code_version(*SYNTHESIS_CODE), inputs=plan.inputs, config=plan.config,
-        schema=SHARD_SCHEMA, shards=shards, accounting=generation_accounting(chunks, filtered) + deduplicated,
-        stage_order=["generation", *filter_names, "dedup"],
-        extra={"models": plan.models["ids"], "generation_id": plan.generation_id, "chat_template": template.source or CHAT_TEMPLATE,
+        schema=SHARD_SCHEMA, shards=shards, accounting=sum(per_family.values(), Accounting()),
+        stage_order=stage_order,
+        extra={"models": plan.models["ids"], "generation_id": plan.generation_id,
+               "chat_template": template.source or CHAT_TEMPLATE, "reports": reports,
                "families": {f: sum(1 for r in survivors if r["family"] == f) for f in config.families.enabled()}},
     )
     atomic_write_text(staging / MANIFEST_NAME, canonical_json(manifest))
     atomic_write_text(staging / CARD_NAME, dataset_card(
         manifest, description=CARD_DESCRIPTION, rows_label="dialogues", inputs_label="seeds",
-        loading=CARD_LOADING, sections=card_sections(manifest)))
+        loading=CARD_LOADING, sections=(*card_sections(manifest), quality_section(quality))))
     final = publish(staging, root, plan.version_id)
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)

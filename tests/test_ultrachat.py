@@ -26,7 +26,7 @@ from core.config import ConfigError
 from core.manifest import publish_table, verify_version
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.tokenizer import train_bpe_tokenizer
-from pipelines.ultrachat import main, run_ultrachat
+from pipelines.ultrachat import main, plan_chunks, plan_synthesis, run_ultrachat
 from sft_synth.chat_format import render_prompt, render_with_template
 from sft_synth.config import (
     AnswersFilterConfig,
@@ -38,7 +38,7 @@ from sft_synth.config import (
     parse_config,
 )
 from sft_synth.constraints import CONSTRAINTS, violated
-from sft_synth.dataset import render_row
+from sft_synth.dataset import PART_SCHEMA, arrow_messages, render_row
 from sft_synth.filters import (
     AnswerFilter,
     BenchmarkIndex,
@@ -454,3 +454,49 @@ def test_config_errors_name_the_key_and_missing_models_are_named(job, tmp_path):
     config = parse_config({**data, "models": {"target": "no-such-model"}})
     with pytest.raises(FileNotFoundError, match="models.target: no model at .*no-such-model"):
         run_ultrachat(config, tmp_path, tmp_path / "out")
+
+
+def test_quality_report_of_a_version_holds_hand_computed_figures(job, ray_local, tmp_path):
+    """Parts written by hand where the generation would write them: the job filters them and reports on them."""
+    config = parse_config({
+        "name": "quality-test", "seed": 0, "chunk_size": 4, "models": {"target": str(job / "target")},
+        "families": {"reasoning": {"count": 3, "turns": 1, "system_prompt": "Solve it.", "user_prompt": "{material}",
+                                   "source": str(GSM8K / "train.jsonl")}},
+        "filters": {"length": {"min_chars": 0}, "language": {"enabled": False}},
+        "output": {"root": str(tmp_path / "out")},
+    })
+    plan = plan_synthesis(config, job)
+    [chunk] = plan_chunks(config, plan.seeds, tmp_path / "out" / ".work" / plan.generation_id / "parts")
+    seeds = plan.seeds["reasoning"]
+    golds = [seed.answer for seed in seeds]
+    assert len(set(golds)) == 3 and all(gold.isdigit() for gold in golds)
+    replies = [f"The answer is {golds[0]}.", f"The answer is {golds[1]}.", "I do not know."]
+    rows = [{"id": f"reasoning-{i}", "family": "reasoning", "order": i, "truncated": False, "tool_call_error": None,
+             "tools": "", "constraints": "", "language": None, "generated_tokens": 5, "generation_settings": "{}",
+             "models": {"target": "t", "draft": None},
+             "source_seed": {"id": seed.id, "source": seed.source, "text": seed.material, "answer": seed.answer},
+             "messages": arrow_messages([{"role": "system", "content": "Solve it."},
+                                         {"role": "user", "content": seed.opening},
+                                         {"role": "assistant", "content": reply}])}
+            for i, (seed, reply) in enumerate(zip(seeds, replies))]
+    Path(chunk["part_path"]).parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA), chunk["part_path"])
+
+    result = run_ultrachat(config, job, tmp_path / "out")
+    assert result.chunks_generated == 0 and verify_version(result.version_path) == []
+    report = json.loads((result.version_path / "quality.json").read_text())["families"]["reasoning"]
+    assert (result.version_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["seeds"] == report["generated"] == 3 and report["kept"] == 2
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["filter_answers"] == {"stage": "filter_answers", "in": 3, "out": 2, "pass_rate": 0.666667,
+                                        "dropped": {"answer_missing": 1}}
+    assert stages["generation"]["pass_rate"] == stages["dedup"]["pass_rate"] == 1.0
+    assert report["answers"] == {"checked": 3, "correct": 2, "wrong": 0, "missing": 1, "accuracy": 0.666667}
+    # kept replies "the answer is G0" and "the answer is G1": 5 of 8 words, 4 of 6 bigrams, 3 of 4 trigrams distinct;
+    # trigram sets {the answer is, answer is G0} and {the answer is, answer is G1} share 1 of 3
+    assert report["distinct"] == {"1": 0.625, "2": 0.666667, "3": 0.75}
+    assert report["self_similarity"] == {"dialogues": 2, "mean_jaccard": 0.333333, "mean_nearest_jaccard": 0.333333}
+    assert report["turns"] == {"1": 2}
+    assert report["assistant_chars"]["counts"] == [0, 2] + [0] * 9  # 16 to 20 characters each
+    card = (result.version_path / "README.md").read_text()
+    assert "## Quality" in card and "answer_missing: 1" in card and "answers correct 67% (0 wrong, 1 no number)" in card
