@@ -68,7 +68,7 @@ from sft_synth.filters import (
     dialogue_filters,
     duplicates,
 )
-from sft_synth.generation.chat_template import TEMPLATE_FILE_NAME, ChatTemplate
+from sft_synth.generation.chat_template import ChatTemplate
 from sft_synth.quality import GenerationChecks, part_checks, quality_report, quality_section, write_quality
 from sft_synth.seeds import Seed, build_seeds, source_fingerprints
 from stages.dedup import MinHasher
@@ -105,11 +105,16 @@ def resolve_checkpoint(path: str, base_dir: Path, what: str) -> Path:
 def model_id(checkpoint: Path) -> str:
     """Directory name plus a hash of the config and weights: the same id means the same model."""
     digest = hashlib.sha256()
-    files = sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors"))
-    for file in files + sorted(checkpoint.glob(TEMPLATE_FILE_NAME)):
+    for file in sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors")):
         digest.update(file.name.encode())
         digest.update(sha256_file(file).encode())
     return f"{checkpoint.name}@{digest.hexdigest()[:12]}"
+
+
+def chat_template(models: dict) -> ChatTemplate:
+    """The chat template belongs with the tokenizer (the target's directory unless models.tokenizer names another)."""
+    tokenizer = Path(models["tokenizer"])
+    return ChatTemplate.from_checkpoint(tokenizer.parent if tokenizer.is_file() else tokenizer)
 
 
 def resolve_models(config: UltraChatConfig, base_dir: Path) -> dict:
@@ -135,7 +140,7 @@ class DialogueWorker:
         torch.set_num_threads(threads)
         self.config = UltraChatConfig.model_validate(config_data)
         dtype = getattr(torch, self.config.models.dtype) if self.config.models.dtype else None
-        self.template = ChatTemplate.from_checkpoint(models["target"])
+        self.template = chat_template(models)
         # A checkpoint's template writes its own BOS token where it wants one; ChatML prompts get <s> first.
         self.engine = GenerationEngine.from_pretrained(
             models["target"], models["draft"], tokenizer_path=models["tokenizer"], frspec=self.config.models.frspec,
@@ -263,6 +268,7 @@ def plan_synthesis(config: UltraChatConfig, base_dir: Path) -> SynthesisPlan:
     code = code_version(*SYNTHESIS_CODE)
     generation_config = config.model_dump(mode="json", include={"seed", "chunk_size", "models", "families"})
     generation_config["models"] |= {"target": models["ids"]["target"], "draft": models["ids"]["draft"]}
+    generation_config["chat_template"] = chat_template(models).source
     seed_digest = hashlib.sha256(canonical_json({f: [s.as_dict() for s in v] for f, v in seeds.items()}).encode())
     generation_id = "g-" + hashlib.sha256(
         canonical_json({"config": generation_config, "seeds": seed_digest.hexdigest(), "code": code}).encode()
@@ -366,7 +372,7 @@ def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     tokenizer = load_tokenizer(plan.models["tokenizer"])
-    template = ChatTemplate.from_checkpoint(plan.models["target"])
+    template = chat_template(plan.models)
     per_shard = config.output.rows_per_shard
     compression = None if config.output.compression == "none" else config.output.compression
     shards = [write_shard(survivors[start : start + per_shard], staging, number, compression, tokenizer, template)
