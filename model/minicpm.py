@@ -64,7 +64,7 @@ _REQUIRED_VALUES = {
     "use_sliding_window": False,
 }
 _SUPPORTED_MODEL_TYPES = {"minicpm", "llama", "qwen2", "qwen3", None}
-_ROPE_TYPES = {"default", "longrope"}
+_ROPE_TYPES = {"default", "longrope", "llama3"}
 
 
 @dataclass
@@ -231,7 +231,7 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (rotate-half convention of Hugging Face checkpoints), with MiniCPM's LongRoPE variant."""
+    """RoPE (rotate-half convention of Hugging Face checkpoints), with MiniCPM's LongRoPE and Llama 3.1's variants."""
 
     def __init__(self, config: MiniCPMConfig):
         super().__init__()
@@ -254,6 +254,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / ext
             scale = config.max_position_embeddings / original
             self.attention_factor = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
+            inv_freq = llama3_frequencies(inv_freq, scaling)
         self.inv_freq = inv_freq
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +264,17 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's context extension: wavelengths beyond original / low_freq_factor are stretched by `factor`,
+    those below original / high_freq_factor kept, and the band between blends the two linearly in
+    original / wavelength."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

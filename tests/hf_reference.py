@@ -26,6 +26,11 @@ ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),
+    # Llama 3.1's RoPE extension; with head_dim 16 and a short original context, some wavelengths fall in each of
+    # its three bands (kept, blended, stretched).
+    "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}),
 }
 
 
@@ -33,7 +38,7 @@ def build(arch: str, dir: str, seed: int, vocab_size: int, tokenizer_dir: str | 
     config_class, model_class, extra = ARCHITECTURES[arch]
     config = config_class(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          rope_theta=10000.0, tie_word_embeddings=False, **extra)
+                          tie_word_embeddings=False, **extra)
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():

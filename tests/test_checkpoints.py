@@ -50,8 +50,9 @@ CONVERSATION = [{"role": "system", "content": "You answer in one line."},
                 {"role": "user", "content": "  What is 6 x 7?\n"},
                 {"role": "assistant", "content": "42."},
                 {"role": "user", "content": "And 6 x 8?"}]
-INPUT_IDS = [[5, 17, 99, 3, 250, 41, 8, 77, 120, 9], [0, 0, 0, 33, 64, 7, 201, 15, 2, 180]]
-ATTENTION_MASK = [[1] * 10, [0, 0, 0] + [1] * 7]
+# Two rows of 40 tokens, the second left-padded by 5: positions reach far enough for RoPE scaling to matter.
+INPUT_IDS = [[(37 * i + 5) % 300 for i in range(40)], [0] * 5 + [(53 * i + 11) % 300 for i in range(35)]]
+ATTENTION_MASK = [[1] * 40, [0] * 5 + [1] * 35]
 
 
 def hf_reference(spec: dict, work: Path) -> None:
@@ -107,7 +108,7 @@ def checkpoints(tmp_path_factory):
     minicpm.save_pretrained(work / "minicpm")
     minicpm_as_llama(minicpm, work / "minicpm-as-llama")
 
-    archs = ("llama", "qwen2", "qwen3")
+    archs = ("llama", "qwen2", "qwen3", "llama3")
     spec = {
         "build": [{"arch": arch, "dir": str(work / arch), "seed": seed, "vocab_size": vocab,
                    "tokenizer_dir": str(work / "tokenizer")} for seed, arch in enumerate(archs)],
@@ -123,8 +124,8 @@ def checkpoints(tmp_path_factory):
     return work
 
 
-@pytest.mark.parametrize(("ours", "reference"), [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
-                                                 ("minicpm", "minicpm-as-llama")])
+@pytest.mark.parametrize(("ours", "reference"), [("llama", "llama"), ("llama3", "llama3"), ("qwen2", "qwen2"),
+                                                 ("qwen3", "qwen3"), ("minicpm", "minicpm-as-llama")])
 def test_logits_match_transformers_on_the_same_checkpoint(checkpoints, ours, reference):
     model = MiniCPMForCausalLM.from_pretrained(checkpoints / ours, dtype=torch.float32).eval()
     expected = torch.load(checkpoints / f"{reference}.logits.pt")
@@ -137,10 +138,21 @@ def test_logits_match_transformers_on_the_same_checkpoint(checkpoints, ours, ref
 
     # The KV-cached path (what generation runs) gives the same last-token logits as one full forward.
     with torch.no_grad():
-        cache = model.new_cache(2, 16)
+        cache = model.new_cache(2, 48)
         model(ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)
         last = model(ids[:, -1:], attention_mask=mask, cache=cache).logits[:, -1]
     torch.testing.assert_close(last, expected[:, -1], atol=2e-4, rtol=1e-4)
+
+
+def test_llama3_rope_scaling_changes_the_logits(checkpoints):
+    """The parity above could not fail if the scaling were a no-op on these positions: it is not."""
+    config = json.loads((checkpoints / "llama3" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_parameters"]["rope_theta"]}
+    unscaled = MiniCPMForCausalLM(MiniCPMConfig.from_dict(config)).eval()
+    unscaled.load_state_dict(MiniCPMForCausalLM.from_pretrained(checkpoints / "llama3").state_dict())
+    with torch.no_grad():
+        logits = unscaled(torch.tensor(INPUT_IDS[:1])).logits
+    assert (logits - torch.load(checkpoints / "llama3.logits.pt")[:1]).abs().max() > 1e-2
 
 
 def test_architecture_switches_are_read_from_the_config(checkpoints):
