@@ -63,8 +63,11 @@ class DialogueSynthesizer:
                  template: ChatTemplate = CHATML):
         self.engine, self.family, self.config, self.run_seed = engine, family, config, run_seed
         self.template = template
-        # The template's end-of-turn token ends a reply even where the engine's own stop tokens do not name it.
-        self.stop_token_ids = [i for i in map(engine.tokenizer.token_to_id, template.stop_tokens) if i is not None]
+        # The template's end-of-turn token and the target config's eos ids end a reply, also where the engine's own
+        # stop tokens (</s>, <|im_end|>) do not name them (Llama 3's <|eot_id|>).
+        named = [i for i in map(engine.tokenizer.token_to_id, template.stop_tokens) if i is not None]
+        eos = engine.target.config.eos_token_id
+        self.stop_token_ids = sorted({*named, *([eos] if isinstance(eos, int) else eos or [])})
 
     def _settings(self, settings: GenerationSettings, chunk: int, turn: int, role: str, **update) -> GenerationSettings:
         stop_ids = sorted(set(settings.stop_token_ids) | set(self.stop_token_ids))
