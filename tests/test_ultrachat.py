@@ -12,6 +12,7 @@ import copy
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -48,11 +49,13 @@ from sft_synth.filters import (
     LanguageFilter,
     LengthRepetitionFilter,
     ToolCallFilter,
+    answer_problem,
     as_document,
     dedup_keys,
     duplicates,
+    parse_number,
 )
-from sft_synth.seeds import build_seeds
+from sft_synth.seeds import build_seeds, gold_answer
 from sft_synth.tools import openai_tool_call, parse_tool_calls
 from stages.dedup import DedupConfig, MinHasher
 
@@ -164,6 +167,19 @@ def test_answer_filter_keeps_only_replies_whose_final_number_is_the_gold_answer(
     kept, reasons = run_stage(AnswerFilter(AnswersFilterConfig()), records)
     assert [r["order"] for r in kept] == [i for i, case in enumerate(replies) if case[2] is None] + [len(replies)]
     assert reasons == {"answer_wrong": 1, "answer_missing": 1}
+
+
+def test_answer_check_on_every_gsm8k_train_solution():
+    """Real data: each worked solution passes against its own gold answer and fails against another item's."""
+    tolerance = AnswersFilterConfig().relative_tolerance
+    items = [json.loads(line) for line in (GSM8K / "train.jsonl").read_text().splitlines()]
+    golds = [gold_answer(item["answer"]) for item in items]
+    own = Counter(answer_problem(reasoning(item["answer"], gold), tolerance) for item, gold in zip(items, golds))
+    assert own == {None: len(items)}
+    shifted = Counter(answer_problem(reasoning(item["answer"], gold), tolerance)
+                      for item, gold, own_gold in zip(items, golds[1:], golds)
+                      if parse_number(gold) != parse_number(own_gold))
+    assert shifted == {"answer_wrong": sum(shifted.values())}
 
 
 def test_grounding_filter_measures_content_word_overlap_with_the_passage():
