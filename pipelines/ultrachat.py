@@ -68,7 +68,7 @@ from sft_synth.filters import (
     dialogue_filters,
     duplicates,
 )
-from sft_synth.generation.chat_template import ChatTemplate
+from sft_synth.generation.chat_template import ChatTemplate, ChatTemplateError
 from sft_synth.quality import GenerationChecks, part_checks, quality_report, quality_section, write_quality
 from sft_synth.seeds import Seed, build_seeds, source_fingerprints
 from stages.dedup import MinHasher
@@ -115,6 +115,19 @@ def chat_template(models: dict) -> ChatTemplate:
     """The chat template belongs with the tokenizer (the target's directory unless models.tokenizer names another)."""
     tokenizer = Path(models["tokenizer"])
     return ChatTemplate.from_checkpoint(tokenizer.parent if tokenizer.is_file() else tokenizer)
+
+
+def check_chat_template(template: ChatTemplate, config: UltraChatConfig, where: str) -> None:
+    """Fail before any generation when the template refuses a conversation the enabled families will send it."""
+    conversations = [["system", "user", "assistant", "user"]]
+    if config.families.tool_use is not None:
+        conversations.append(["system", "user", "assistant", "tool"])
+    for roles in conversations:
+        try:
+            template.render([{"role": role, "content": "x"} for role in roles])
+        except ChatTemplateError as error:
+            raise ConfigError(f"models: the chat template of {where} cannot render a {' / '.join(roles)} "
+                              f"conversation: {error}") from error
 
 
 def resolve_models(config: UltraChatConfig, base_dir: Path) -> dict:
@@ -268,7 +281,9 @@ def plan_synthesis(config: UltraChatConfig, base_dir: Path) -> SynthesisPlan:
     code = code_version(*SYNTHESIS_CODE)
     generation_config = config.model_dump(mode="json", include={"seed", "chunk_size", "models", "families"})
     generation_config["models"] |= {"target": models["ids"]["target"], "draft": models["ids"]["draft"]}
-    generation_config["chat_template"] = chat_template(models).source
+    template = chat_template(models)
+    check_chat_template(template, config, models["tokenizer"])
+    generation_config["chat_template"] = template.source
     seed_digest = hashlib.sha256(canonical_json({f: [s.as_dict() for s in v] for f, v in seeds.items()}).encode())
     generation_id = "g-" + hashlib.sha256(
         canonical_json({"config": generation_config, "seeds": seed_digest.hexdigest(), "code": code}).encode()

@@ -22,9 +22,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from core.config import ConfigError
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.tokenizer import load_tokenizer, train_bpe_tokenizer
-from pipelines.ultrachat import main
+from pipelines.ultrachat import check_chat_template, main
+from sft_synth.config import parse_config
 from sft_synth.generation.chat_template import ChatTemplate, ChatTemplateError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +217,18 @@ def test_ultrachat_job_generates_from_transformers_checkpoints(checkpoints, ray_
         prompt = template.render([{"role": m["role"], "content": m["content"]} for m in row["messages"][:-1]])
         assert prompt.startswith("<s>\n<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nExplain tides.")
         assert tokenizer.decode(tokenizer.encode(answer, add_special_tokens=False).ids) == answer
+
+
+def test_a_template_that_refuses_a_family_s_roles_fails_before_generation():
+    no_tools = ChatTemplate("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}"
+                            "{% endif %}{{ m['content'] }}{% endfor %}")
+    common = {"count": 1, "system_prompt": "s", "user_prompt": "{material}"}
+    families = {"instruction": {**common, "tasks": ["Explain {topic}."], "topics": ["tides"], "keywords": ["a", "b"]}}
+    config = parse_config({"models": {"target": "t"}, "families": families})
+    check_chat_template(no_tools, config, "here")  # no family sends a tool message
+    tool_use = {**common, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
+                "tool_prompt": "{tool} {call}"}
+    config = parse_config({"models": {"target": "t"}, "families": {**families, "tool_use": tool_use}})
+    with pytest.raises(ConfigError, match="chat template of here cannot render a system / user / assistant / tool "
+                                          "conversation: no tool role"):
+        check_chat_template(no_tools, config, "here")
