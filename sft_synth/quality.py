@@ -233,11 +233,12 @@ def _percent(value: float | None) -> str:
 def quality_section(report: dict) -> str:
     """The dataset card's summary of quality.json."""
     lines = ["## Quality (`quality.json`, `quality.png`)",
-             ("| family | seeds | kept | stage pass rates | rejections | task checks on generated dialogues | "
+             ("| family | seeds | kept | pass rates below 100% | rejections | task checks on generated dialogues | "
              "distinct-1/2/3 | self-similarity (mean / nearest) |"),
              "|---|---|---|---|---|---|---|---|"]
     for family, data in report["families"].items():
-        rates = ", ".join(f"{s['stage']} {_percent(s['pass_rate'])}" for s in data["stages"] if s["in"])
+        rates = ", ".join(f"{s['stage']} {_percent(s['pass_rate'])}" for s in data["stages"]
+                          if s["in"] and s["out"] < s["in"]) or "all 100%"
         reasons = Counter()
         for stage in data["stages"]:
             reasons.update(stage["dropped"])

@@ -515,4 +515,5 @@ def test_quality_report_of_a_version_holds_hand_computed_figures(job, ray_local,
     assert report["turns"] == {"1": 2}
     assert report["assistant_chars"]["counts"] == [0, 2] + [0] * 9  # 16 to 20 characters each
     card = (result.version_path / "README.md").read_text()
-    assert "## Quality" in card and "answer_missing: 1" in card and "answers correct 67% (0 wrong, 1 no number)" in card
+    assert ("| reasoning | 3 | 2 | filter_answers 67% | answer_missing: 1 | answers correct 67% (0 wrong, 1 no number) "
+            "| 0.62/0.67/0.75 | 0.333 / 0.333 |") in card
