@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,8 +155,11 @@ def self_similarity(dialogues: list[dict]) -> dict:
     if n < 2:
         return {"dialogues": n, "mean_jaccard": None, "mean_nearest_jaccard": None}
     incidence = torch.sparse_coo_tensor(torch.tensor([rows, columns], dtype=torch.long).reshape(2, -1),
-                                        torch.ones(len(rows), dtype=torch.float64), (n, max(len(ids), 1)))
-    shared = torch.sparse.mm(incidence, incidence.t()).to_dense()
+                                        torch.ones(len(rows), dtype=torch.float64), (n, max(len(ids), 1)),
+                                        check_invariants=True)
+    with warnings.catch_warnings():  # torch says its sparse product goes through CSR, "in beta"; the test checks it
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        shared = torch.sparse.mm(incidence, incidence.t()).to_dense()
     sizes = torch.bincount(torch.tensor(rows, dtype=torch.long), minlength=n).double()
     union = sizes[:, None] + sizes[None, :] - shared
     jaccard = torch.where(union > 0, shared / union.clamp(min=1), torch.zeros((), dtype=torch.float64))

@@ -55,6 +55,7 @@ from sft_synth.filters import (
     duplicates,
     parse_number,
 )
+from sft_synth.quality import assistant_replies, distinct_n, self_similarity
 from sft_synth.seeds import build_seeds, gold_answer
 from sft_synth.tools import openai_tool_call, parse_tool_calls
 from stages.dedup import DedupConfig, MinHasher
@@ -517,3 +518,17 @@ def test_quality_report_of_a_version_holds_hand_computed_figures(job, ray_local,
     card = (result.version_path / "README.md").read_text()
     assert ("| reasoning | 3 | 2 | filter_answers 67% | answer_missing: 1 | answers correct 67% (0 wrong, 1 no number) "
             "| 0.62/0.67/0.75 | 0.333 / 0.333 |") in card
+
+
+def test_distinct_n_and_self_similarity_on_hand_computed_dialogues():
+    def dialogue(*replies):
+        return {"messages": [{"role": "user", "content": "q"}, *({"role": "assistant", "content": r} for r in replies)]}
+
+    dialogues = [dialogue("A b, c d."), dialogue("a b c e"), dialogue("x y", "z w v")]
+    replies = [reply for d in dialogues for reply in assistant_replies(d)]
+    # words a b c d | a b c e | x y | z w v: 13 words, 10 distinct; bigrams ab bc cd | ab bc ce | xy | zw wv: 9, 7 distinct
+    assert distinct_n(replies, 1) == round(10 / 13, 6) and distinct_n(replies, 2) == round(7 / 9, 6)
+    assert distinct_n(["one two"], 3) is None
+    # trigram sets {abc, bcd}, {abc, bce}, {zwv}: J12 = 1/3, J13 = J23 = 0; nearest 1/3, 1/3, 0
+    assert self_similarity(dialogues) == {"dialogues": 3, "mean_jaccard": round(1 / 9, 6),
+                                          "mean_nearest_jaccard": round(2 / 9, 6)}
