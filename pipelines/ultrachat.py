@@ -6,10 +6,13 @@
 Three phases. (1) Seeds are drawn per family and cut into chunks; Ray actors, one generation engine each, turn
 chunks into dialogues, each chunk written atomically as a part under ``<root>/.work/<generation id>/``. A part
 that exists is not generated again, so a re-run continues from what was written, and the generation id (seeds,
-models, generation settings, code) keeps parts of different runs apart. (2) One Ray task per part runs the
-per-dialogue filters (length and repetition, tool calls, constraints, language, decontamination). (3) Exact and
-near duplicates are removed across the run (first in seed order kept) and the survivors are written as a
-dataset version in the UltraClean scheme. Filters are not part of the generation id: re-filtering reuses parts.
+models, chat template, generation settings, code) keeps parts of different runs apart. Prompts are written in the
+chat template that comes with the target's tokenizer (ChatML when it has none). (2) One Ray task per part runs the
+per-dialogue filters (length and repetition, answers against the gold answer, grounding in the passage, tool calls,
+constraints, language, decontamination) and the task checks of the quality report. (3) Exact and near duplicates
+are removed across the run (first in seed order kept) and the survivors are written as a dataset version in the
+UltraClean scheme, with quality.json / quality.png. Filters are not part of the generation id: re-filtering reuses
+parts.
 """
 
 from __future__ import annotations
