@@ -1,7 +1,8 @@
 """transformers as the reference for tests/test_checkpoints.py, run as a script in its own process.
 
-transformers >= 5 imports the Hugging Face ``kernels`` package, which this repository's ``kernels`` package shadows
-when the repository root is on sys.path; as a script run from a temporary directory it sees the installed one.
+A process of its own keeps transformers away from the repository's ``kernels`` package: transformers looks for the
+Hugging Face package of that name (a requirement from 5.25 on, optional before) and, with the repository root on
+sys.path, would find this one. Run as a script from a temporary directory, it sees only installed packages.
 
     python hf_reference.py SPEC.json
 
