@@ -46,8 +46,9 @@ _METADATA_KEYS = {
     "mlp_bias",
     # Read only by MiniCPM's Eagle draft heads; the MiniCPM4 decoder forward never uses it.
     "mup_denominator",
-    # Qwen's sliding-window settings: inert while use_sliding_window is false, which _REQUIRED_VALUES demands.
+    # Qwen's sliding-window and M-RoPE settings: inert while switched off, which _REQUIRED_VALUES demands.
     "use_sliding_window",
+    "use_mrope",
     "sliding_window",
     "max_window_layers",
     "layer_types",
@@ -62,6 +63,7 @@ _REQUIRED_VALUES = {
     "pretraining_tp": 1,
     "attention_dropout": 0.0,
     "use_sliding_window": False,
+    "use_mrope": False,  # Qwen2-VL's multimodal RoPE; text Qwen2 configs (R1 distills) carry it switched off
 }
 _SUPPORTED_MODEL_TYPES = {"minicpm", "llama", "qwen2", "qwen3", None}
 _ROPE_TYPES = {"default", "longrope", "llama3"}

@@ -157,6 +157,44 @@ def test_llama3_rope_scaling_changes_the_logits(checkpoints):
     assert (logits - torch.load(checkpoints / "llama3.logits.pt")[:1]).abs().max() > 1e-2
 
 
+# config.json of released checkpoints, as published (the weights are not needed to read them).
+QWEN25_1_5B_INSTRUCT = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
+    "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 12,
+    "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+R1_DISTILL_QWEN_1_5B = {**QWEN25_1_5B_INSTRUCT, "eos_token_id": 151643, "max_position_embeddings": 131072,
+                        "rope_scaling": None, "rope_theta": 10000, "sliding_window": None,
+                        "tie_word_embeddings": False, "use_mrope": False}
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02,
+    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936}
+LLAMA32_1B_ROPE = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+
+
+def test_released_checkpoint_configs_load():
+    qwen25 = MiniCPMConfig.from_dict(QWEN25_1_5B_INSTRUCT)
+    assert (qwen25.qkv_bias, qwen25.qk_norm, qwen25.head_dim, qwen25.tie_word_embeddings) == (True, False, 128, True)
+    assert qwen25.rope_theta == 1e6 and qwen25.residual_scale == 1.0 and qwen25.width_mult == 1.0
+    distill = MiniCPMConfig.from_dict(R1_DISTILL_QWEN_1_5B)
+    assert distill.qkv_bias and not distill.tie_word_embeddings
+    with pytest.raises(ValueError, match="use_mrope"):
+        MiniCPMConfig.from_dict({**R1_DISTILL_QWEN_1_5B, "use_mrope": True})
+    qwen3 = MiniCPMConfig.from_dict(QWEN3_0_6B)
+    assert (qwen3.qk_norm, qwen3.qkv_bias, qwen3.head_dim, qwen3.num_key_value_heads) == (True, False, 128, 8)
+    llama = MiniCPMConfig.from_dict({**QWEN3_0_6B, "model_type": "llama", "head_dim": 64,
+                                     "rope_scaling": LLAMA32_1B_ROPE, "mlp_bias": False})
+    assert llama.rope_scaling == LLAMA32_1B_ROPE and not llama.qk_norm
+
+
 def test_architecture_switches_are_read_from_the_config(checkpoints):
     configs = {name: MiniCPMForCausalLM.from_pretrained(checkpoints / name).config for name in ("qwen2", "qwen3")}
     assert configs["qwen2"].qkv_bias and not configs["qwen2"].qk_norm
