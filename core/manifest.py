@@ -294,6 +294,7 @@ def _accounting_problems(manifest: dict) -> list[str]:
 def _file_problems(path: AnyPath, manifest: dict) -> list[str]:
     problems, listed = [], {MANIFEST_NAME, CARD_NAME, QUARANTINE_NAME}
     entries = [e for shard in manifest["shards"] for e in [shard] + ([shard["jsonl"]] if "jsonl" in shard else [])]
+    entries += manifest.get("reports", [])  # figures written with the version (path, bytes, sha256 like shards)
     for entry in entries:
         try:
             file = inside(path, entry["path"])

@@ -4,7 +4,9 @@ Llama-style decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention) with MiniCP
 embeddings times ``scale_emb``, every residual branch times ``scale_depth / sqrt(num_hidden_layers)``, and the
 final hidden state divided by ``hidden_size / dim_model_base`` before the LM head. With scale_emb = 1,
 scale_depth = sqrt(L) and dim_model_base = hidden_size the model is exactly Llama, which is how Llama checkpoints
-load. Parameter names match the Hugging Face weight names, so a state dict maps one to one onto safetensors.
+load. Two switches cover the Qwen families: ``qkv_bias`` (Qwen2 / Qwen2.5: biases on the q, k and v projections,
+none on o) and ``qk_norm`` (Qwen3: an RMSNorm over each head's queries and keys before RoPE). Parameter names
+match the Hugging Face weight names, so a state dict maps one to one onto safetensors.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _METADATA_KEYS = {
     "auto_map",
     "model_type",
     "torch_dtype",
+    "dtype",
     "transformers_version",
     "use_cache",
     "pad_token_id",
@@ -43,6 +46,14 @@ _METADATA_KEYS = {
     "mlp_bias",
     # Read only by MiniCPM's Eagle draft heads; the MiniCPM4 decoder forward never uses it.
     "mup_denominator",
+    # Qwen's sliding-window and M-RoPE settings: inert while switched off, which _REQUIRED_VALUES demands.
+    "use_sliding_window",
+    "use_mrope",
+    "sliding_window",
+    "max_window_layers",
+    "layer_types",
+    # transformers >= 5 spells rope_theta / rope_scaling as one dict; from_dict unfolds it.
+    "rope_parameters",
 }
 # Architecture switches we know, with the only value this implementation computes correctly.
 _REQUIRED_VALUES = {
@@ -51,9 +62,11 @@ _REQUIRED_VALUES = {
     "mlp_bias": False,
     "pretraining_tp": 1,
     "attention_dropout": 0.0,
+    "use_sliding_window": False,
+    "use_mrope": False,  # Qwen2-VL's multimodal RoPE; text Qwen2 configs (R1 distills) carry it switched off
 }
-_SUPPORTED_MODEL_TYPES = {"minicpm", "llama", None}
-_ROPE_TYPES = {"default", "longrope"}
+_SUPPORTED_MODEL_TYPES = {"minicpm", "llama", "qwen2", "qwen3", None}
+_ROPE_TYPES = {"default", "longrope", "llama3"}
 
 
 @dataclass
@@ -69,6 +82,8 @@ class MiniCPMConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5
+    qk_norm: bool = False  # Qwen3
     # Defaults are the Llama identity; MiniCPM configs set all three.
     scale_emb: float = 1.0
     scale_depth: float | None = None  # None: sqrt(num_hidden_layers)
@@ -120,7 +135,9 @@ class MiniCPMConfig:
         """Build from a Hugging Face config.json dict (MiniCPM or Llama); unknown keys are errors, not ignored."""
         model_type = d.get("model_type")
         if model_type not in _SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported (supported: minicpm, llama)")
+            raise ValueError(
+                f"model_type {model_type!r} is not supported (supported: minicpm, llama, qwen2, qwen3)"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in d if k not in known and k not in _METADATA_KEYS)
         if unknown:
@@ -131,17 +148,30 @@ class MiniCPMConfig:
         for key, required in _REQUIRED_VALUES.items():
             if key in d and d[key] != required:
                 raise ValueError(f"{key}={d[key]!r} is not supported (only {required!r})")
+        windowed = sorted({t for t in d.get("layer_types") or () if t != "full_attention"})
+        if windowed:
+            raise ValueError(f"layer_types {windowed} are not supported (only full_attention)")
         kwargs = {k: v for k, v in d.items() if k in known}
+        rope = d.get("rope_parameters")
+        if rope is not None:
+            kwargs["rope_theta"] = rope.get("rope_theta", cls.rope_theta)
+            if rope.get("rope_type", "default") != "default":
+                kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         if model_type == "minicpm":
             # Hugging Face MiniCPM's own defaults differ from the Llama identity used by this dataclass.
             kwargs.setdefault("scale_emb", 1.0)
             kwargs.setdefault("scale_depth", 1.0)
             kwargs.setdefault("dim_model_base", 1)
             kwargs.setdefault("tie_word_embeddings", False)
-        if model_type == "llama":
+        if model_type in ("llama", "qwen2", "qwen3"):
             kwargs.setdefault("tie_word_embeddings", False)
             if kwargs.get("head_dim") is None:
                 kwargs.pop("head_dim", None)
+        # Hugging Face's Qwen classes fix these in code, not in config.json.
+        if model_type == "qwen2":
+            kwargs["qkv_bias"] = True
+        if model_type == "qwen3":
+            kwargs["qk_norm"] = True
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,7 +233,7 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (rotate-half convention of Hugging Face checkpoints), with MiniCPM's LongRoPE variant."""
+    """RoPE (rotate-half convention of Hugging Face checkpoints), with MiniCPM's LongRoPE and Llama 3.1's variants."""
 
     def __init__(self, config: MiniCPMConfig):
         super().__init__()
@@ -226,6 +256,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / ext
             scale = config.max_position_embeddings / original
             self.attention_factor = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
+            inv_freq = llama3_frequencies(inv_freq, scaling)
         self.inv_freq = inv_freq
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +266,17 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's context extension: wavelengths beyond original / low_freq_factor are stretched by `factor`,
+    those below original / high_freq_factor kept, and the band between blends the two linearly in
+    original / wavelength."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -254,15 +297,24 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.sparse_config = config.sparse_config
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, layer_idx, cache, attention_mask):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -327,6 +379,8 @@ class MiniCPMForCausalLM(nn.Module):
             nn.init.normal_(
                 module.weight, std=self.config.initializer_range / math.sqrt(self.config.width_mult)
             )
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
 
@@ -437,7 +491,7 @@ class MiniCPMForCausalLM(nn.Module):
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> MiniCPMForCausalLM:
-        """Load a MiniCPM or Llama checkpoint directory; dtype defaults to the stored one."""
+        """Load a MiniCPM, Llama, Qwen2 / Qwen2.5 or Qwen3 checkpoint directory; dtype defaults to the stored one."""
         path = Path(path)
         config_path = path / CONFIG_NAME
         if not config_path.is_file():

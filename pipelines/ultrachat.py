@@ -6,10 +6,13 @@
 Three phases. (1) Seeds are drawn per family and cut into chunks; Ray actors, one generation engine each, turn
 chunks into dialogues, each chunk written atomically as a part under ``<root>/.work/<generation id>/``. A part
 that exists is not generated again, so a re-run continues from what was written, and the generation id (seeds,
-models, generation settings, code) keeps parts of different runs apart. (2) One Ray task per part runs the
-per-dialogue filters (length and repetition, tool calls, constraints, language, decontamination). (3) Exact and
-near duplicates are removed across the run (first in seed order kept) and the survivors are written as a
-dataset version in the UltraClean scheme. Filters are not part of the generation id: re-filtering reuses parts.
+models, chat template, generation settings, code) keeps parts of different runs apart. Prompts are written in the
+chat template that comes with the target's tokenizer (ChatML when it has none). (2) One Ray task per part runs the
+per-dialogue filters (length and repetition, answers against the gold answer, grounding in the passage, tool calls,
+constraints, language, decontamination) and the task checks of the quality report. (3) Exact and near duplicates
+are removed across the run (first in seed order kept) and the survivors are written as a dataset version in the
+UltraClean scheme, with quality.json / quality.png. Filters are not part of the generation id: re-filtering reuses
+parts.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ from sft_synth.filters import (
     dialogue_filters,
     duplicates,
 )
+from sft_synth.generation.chat_template import ChatTemplate, ChatTemplateError
+from sft_synth.quality import GenerationChecks, part_checks, quality_report, quality_section, write_quality
 from sft_synth.seeds import Seed, build_seeds, source_fingerprints
 from stages.dedup import MinHasher
 
@@ -107,6 +112,25 @@ def model_id(checkpoint: Path) -> str:
     return f"{checkpoint.name}@{digest.hexdigest()[:12]}"
 
 
+def chat_template(models: dict) -> ChatTemplate:
+    """The chat template belongs with the tokenizer (the target's directory unless models.tokenizer names another)."""
+    tokenizer = Path(models["tokenizer"])
+    return ChatTemplate.from_checkpoint(tokenizer.parent if tokenizer.is_file() else tokenizer)
+
+
+def check_chat_template(template: ChatTemplate, config: UltraChatConfig, where: str) -> None:
+    """Fail before any generation when the template refuses a conversation the enabled families will send it."""
+    conversations = [["system", "user", "assistant", "user"]]
+    if config.families.tool_use is not None:
+        conversations.append(["system", "user", "assistant", "tool"])
+    for roles in conversations:
+        try:
+            template.render([{"role": role, "content": "x"} for role in roles])
+        except ChatTemplateError as error:
+            raise ConfigError(f"models: the chat template of {where} cannot render a {' / '.join(roles)} "
+                              f"conversation: {error}") from error
+
+
 def resolve_models(config: UltraChatConfig, base_dir: Path) -> dict:
     models = config.models
     target = resolve_checkpoint(models.target, base_dir, "models.target")
@@ -130,10 +154,12 @@ class DialogueWorker:
         torch.set_num_threads(threads)
         self.config = UltraChatConfig.model_validate(config_data)
         dtype = getattr(torch, self.config.models.dtype) if self.config.models.dtype else None
+        self.template = chat_template(models)
+        # A checkpoint's template writes its own BOS token where it wants one; ChatML prompts get <s> first.
         self.engine = GenerationEngine.from_pretrained(
             models["target"], models["draft"], tokenizer_path=models["tokenizer"], frspec=self.config.models.frspec,
             device=self.config.models.device, dtype=dtype, speculative=self.config.models.speculative,
-            max_batch_size=self.config.models.max_batch_size,
+            max_batch_size=self.config.models.max_batch_size, add_bos=self.template.is_chatml,
         )
         self.model_ids = models["ids"]
 
@@ -142,7 +168,8 @@ class DialogueWorker:
 
         started = time.perf_counter()
         family = chunk["family"]
-        synthesizer = DialogueSynthesizer(self.engine, family, getattr(self.config.families, family), self.config.seed)
+        synthesizer = DialogueSynthesizer(self.engine, family, getattr(self.config.families, family), self.config.seed,
+                                          self.template)
         records = synthesizer.synthesize([Seed(**seed) for seed in chunk["seeds"]], chunk["index"])
         rows = [
             {**record, "order": chunk["first_order"] + position, "language": None,
@@ -207,9 +234,11 @@ def generate_parts(config: UltraChatConfig, chunks: list[dict], models: dict) ->
 
 @ray.remote
 def filter_part(part_path: str, config_data: dict, index: BenchmarkIndex | None) -> dict:
-    """Phase 2 for one part: the per-dialogue filters; kept rows come back with their dedup keys."""
+    """Phase 2 for one part: the per-dialogue filters; kept rows come back with their dedup keys, and the task
+    checks of every generated dialogue with them."""
     config = UltraChatConfig.model_validate(config_data)
     records = pq.read_table(part_path).to_pylist()
+    checks = part_checks(records, config.filters)
     accounting = Accounting(records_in=len(records))
     docs = (as_document(record) for record in records)
     stages = dialogue_filters(config.filters, index, accounting)
@@ -221,7 +250,8 @@ def filter_part(part_path: str, config_data: dict, index: BenchmarkIndex | None)
         record = doc.metadata["record"]
         record["content_hash"], record["minhash_bands"] = dedup_keys(doc.text, record["language"] or "en", hasher)
         kept.append(record)
-    return {"kept": kept, "accounting": accounting.as_dict(), "stages": [stage.name for stage in stages]}
+    return {"kept": kept, "accounting": accounting.as_dict(), "stages": [stage.name for stage in stages],
+            "checks": checks}
 
 
 def content_config(config: UltraChatConfig) -> dict:
@@ -252,6 +282,9 @@ def plan_synthesis(config: UltraChatConfig, base_dir: Path) -> SynthesisPlan:
     code = code_version(*SYNTHESIS_CODE)
     generation_config = config.model_dump(mode="json", include={"seed", "chunk_size", "models", "families"})
     generation_config["models"] |= {"target": models["ids"]["target"], "draft": models["ids"]["draft"]}
+    template = chat_template(models)
+    check_chat_template(template, config, models["tokenizer"])
+    generation_config["chat_template"] = template.source
     seed_digest = hashlib.sha256(canonical_json({f: [s.as_dict() for s in v] for f, v in seeds.items()}).encode())
     generation_id = "g-" + hashlib.sha256(
         canonical_json({"config": generation_config, "seeds": seed_digest.hexdigest(), "code": code}).encode()
@@ -269,16 +302,29 @@ def plan_synthesis(config: UltraChatConfig, base_dir: Path) -> SynthesisPlan:
     return SynthesisPlan(models, seeds, inputs, shaping, generation_id, version_id, index)
 
 
-def filter_parts(config: UltraChatConfig, chunks: list[dict], index: BenchmarkIndex | None
-                 ) -> tuple[list[dict], Accounting, list[str]]:
-    """Phase 2: the kept rows in seed order, the filters' accounting and the filter stage names."""
+@dataclass
+class FilterResults:
+    """Phase 2's outcome: kept rows in seed order; per family the filters' accounting and the task checks."""
+
+    kept: list[dict]
+    accounting: dict[str, Accounting]
+    checks: dict[str, GenerationChecks]
+    stages: list[str]
+
+
+def filter_parts(config: UltraChatConfig, chunks: list[dict], index: BenchmarkIndex | None) -> FilterResults:
     config_data = config.model_dump(mode="json")
     index_ref = ray.put(index)
     results = gather([filter_part.remote(chunk["part_path"], config_data, index_ref) for chunk in chunks],
                      "ultrachat: filter", labels=[Path(chunk["part_path"]).name for chunk in chunks])
-    accounting = sum((Accounting.from_dict(r["accounting"]) for r in results), Accounting())
+    accounting: dict[str, Accounting] = {}
+    checks: dict[str, GenerationChecks] = {}
+    for chunk, result in zip(chunks, results):  # a part holds one family
+        family = chunk["family"]
+        accounting[family] = accounting.get(family, Accounting()) + Accounting.from_dict(result["accounting"])
+        checks[family] = checks.get(family, GenerationChecks()) + result["checks"]
     kept = sorted((row for r in results for row in r["kept"]), key=lambda row: row["order"])
-    return kept, accounting, results[0]["stages"] if results else []
+    return FilterResults(kept, accounting, checks, results[0]["stages"] if results else [])
 
 
 def generation_accounting(chunks: list[dict], filtered: Accounting) -> Accounting:
@@ -289,8 +335,17 @@ def generation_accounting(chunks: list[dict], filtered: Accounting) -> Accountin
     return generation + replace(filtered, records_in=0)
 
 
-def remove_duplicates(config: UltraChatConfig, kept: list[dict]) -> tuple[list[dict], Accounting]:
-    """Phase 3: exact and near duplicates across the run, the first in seed order kept."""
+def family_accounting(chunks: list[dict], filtered: dict[str, Accounting], deduplicated: dict[str, Accounting]
+                      ) -> dict[str, Accounting]:
+    """Per family: its seeds through generation, the filters and dedup."""
+    families = dict.fromkeys(chunk["family"] for chunk in chunks)
+    return {family: generation_accounting([c for c in chunks if c["family"] == family],
+                                          filtered.get(family, Accounting())) + deduplicated.get(family, Accounting())
+            for family in families}
+
+
+def remove_duplicates(config: UltraChatConfig, kept: list[dict]) -> tuple[list[dict], dict[str, Accounting]]:
+    """Phase 3: exact and near duplicates across the run, the first in seed order kept; accounting per family."""
     frame = pl.DataFrame(
         {"order": [r["order"] for r in kept], "content_hash": [r["content_hash"] for r in kept],
          "minhash_bands": [r["minhash_bands"] for r in kept]},
@@ -298,9 +353,11 @@ def remove_duplicates(config: UltraChatConfig, kept: list[dict]) -> tuple[list[d
     )
     exact, near = duplicates(frame, config.filters.dedup)
     removed = set(exact.tolist()) | set(near.tolist())
-    accounting = Accounting()
-    accounting.drop("dedup", "exact_duplicate", len(exact))
-    accounting.drop("dedup", "near_duplicate", len(near))
+    family_of = {row["order"]: row["family"] for row in kept}
+    accounting: dict[str, Accounting] = {}
+    for reason, orders in (("exact_duplicate", exact), ("near_duplicate", near)):
+        for order in orders.tolist():
+            accounting.setdefault(family_of[order], Accounting()).drop("dedup", reason)
     return [row for row in kept if row["order"] not in removed], accounting
 
 
@@ -322,26 +379,33 @@ def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path
     (work / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     chunks = plan_chunks(config, plan.seeds, work / PARTS_DIR)
     generated = generate_parts(config, chunks, plan.models)
-    kept, filtered, filter_names = filter_parts(config, chunks, plan.index)
-    survivors, deduplicated = remove_duplicates(config, kept)
+    filtered = filter_parts(config, chunks, plan.index)
+    survivors, deduplicated = remove_duplicates(config, filtered.kept)
+    per_family = family_accounting(chunks, filtered.accounting, deduplicated)
+    stage_order = ["generation", *filtered.stages, "dedup"]
 
     version_dir = entry_dir(root, plan.version_id)
     tokenizer = load_tokenizer(plan.models["tokenizer"])
+    template = chat_template(plan.models)
     per_shard = config.output.rows_per_shard
     compression = None if config.output.compression == "none" else config.output.compression
-    shards = [write_shard(survivors[start : start + per_shard], version_dir, number, compression, tokenizer)
+    shards = [write_shard(survivors[start : start + per_shard], version_dir, number, compression, tokenizer, template)
               for number, start in enumerate(range(0, max(len(survivors), 1), per_shard))]
+    quality = quality_report(list(config.families.enabled()), per_family, stage_order, filtered.checks, survivors)
+    reports = [{"path": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+               for path in write_quality(quality, version_dir)]
     manifest = build_manifest(
         version_id=plan.version_id, name=config.name, kind="ultrachat-sft", parent=None,
         code_version=code_version(*SYNTHESIS_CODE), inputs=plan.inputs, config=plan.config,
-        schema=SHARD_SCHEMA, shards=shards, accounting=generation_accounting(chunks, filtered) + deduplicated,
-        stage_order=["generation", *filter_names, "dedup"],
-        extra={"models": plan.models["ids"], "generation_id": plan.generation_id, "chat_template": CHAT_TEMPLATE,
+        schema=SHARD_SCHEMA, shards=shards, accounting=sum(per_family.values(), Accounting()),
+        stage_order=stage_order,
+        extra={"models": plan.models["ids"], "generation_id": plan.generation_id,
+               "chat_template": template.source or CHAT_TEMPLATE, "reports": reports,
                "families": {f: sum(1 for r in survivors if r["family"] == f) for f in config.families.enabled()}},
     )
     final = finish_version(version_dir, manifest, dataset_card(
         manifest, description=CARD_DESCRIPTION, rows_label="dialogues", inputs_label="seeds",
-        loading=CARD_LOADING, sections=card_sections(manifest)))
+        loading=CARD_LOADING, sections=(*card_sections(manifest), quality_section(quality))))
     if not config.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return final, manifest, generated

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from sft_synth.generation import apply_chat_template
+from sft_synth.generation.chat_template import ChatTemplate, compile_template
 from sft_synth.tools import render_tool_calls
+
+CHATML = ChatTemplate()
 
 TOOLS_HEADER = "# Tools\nYou may call these functions; write each call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>:\n"
 
@@ -39,8 +39,10 @@ def prompt_messages(messages: list[dict], tools: list[dict] | None = None) -> li
     return plain
 
 
-def render_prompt(messages: list[dict], tools: list[dict] | None = None, *, add_generation_prompt: bool = True) -> str:
-    return apply_chat_template(prompt_messages(messages, tools), add_generation_prompt=add_generation_prompt)
+def render_prompt(messages: list[dict], tools: list[dict] | None = None, *, add_generation_prompt: bool = True,
+                  template: ChatTemplate = CHATML) -> str:
+    """The text the engine is fed: ChatML, or a checkpoint's own template over the same plain messages."""
+    return template.render(prompt_messages(messages, tools), add_generation_prompt=add_generation_prompt)
 
 
 # Hugging Face's chat-template environment (sandboxed Jinja, trim_blocks, lstrip_blocks, a `tojson` filter) is all it
@@ -76,15 +78,8 @@ CHAT_TEMPLATE = """
 """
 
 
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    """Hugging Face's `tojson` filter, with its defaults."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
 def render_with_template(messages: list[dict], tools: list[dict] | None = None, *,
                          add_generation_prompt: bool = False) -> str:
     """Render CHAT_TEMPLATE the way transformers' apply_chat_template does."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = _tojson
-    template = env.from_string(CHAT_TEMPLATE)
-    return template.render(messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt)
+    return compile_template(CHAT_TEMPLATE).render(messages=messages, tools=tools or None,
+                                                  add_generation_prompt=add_generation_prompt)

@@ -56,6 +56,9 @@ class KnowledgeConfig(FamilyConfig):
 class ReasoningConfig(FamilyConfig):
     source: str = Field(description="JSONL of problems, e.g. GSM8K train.jsonl")
     question_field: str = "question"
+    answer_field: str | None = Field(
+        "answer", description="the gold answer (GSM8K: a worked solution ending in '#### N'), checked by "
+                              "filters.answers; null: the problems have none")
 
 
 class InstructionConfig(FamilyConfig):
@@ -133,8 +136,23 @@ class DecontaminationConfig(Strict):
     benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
 
 
+class AnswersFilterConfig(Strict):
+    enabled: bool = Field(True, description="reasoning: keep a dialogue only when the first reply's final number "
+                                            "equals the seed's gold answer")
+    relative_tolerance: float = Field(1e-6, ge=0.0, description="numeric comparison: |reply - gold| <= tol * |gold|")
+
+
+class GroundingFilterConfig(Strict):
+    enabled: bool = Field(True, description="knowledge: keep a dialogue only when its answers are grounded in the "
+                                            "seed passage")
+    min_overlap: float = Field(0.3, ge=0.0, le=1.0,
+                               description="share of the answers' distinct content words that occur in the passage")
+
+
 class FiltersConfig(Strict):
     length: LengthFilterConfig = Field(default_factory=LengthFilterConfig)
+    answers: AnswersFilterConfig = Field(default_factory=AnswersFilterConfig)
+    grounding: GroundingFilterConfig = Field(default_factory=GroundingFilterConfig)
     language: LanguageFilterConfig = Field(default_factory=LanguageFilterConfig)
     constraints: bool = Field(True, description="instruction following: drop responses that break a constraint")
     tool_calls: bool = Field(True, description="tool use: drop dialogues whose calls do not fit the schemas")

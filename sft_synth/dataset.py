@@ -1,7 +1,7 @@
 """The synthesized SFT dataset on disk: one dialogue per row, Parquet and JSONL shards of a dataset version.
 
 Rows hold ``messages`` (``{role, content}``; assistant tool calls in the OpenAI shape with ``tool_calls``, tool
-results with ``tool_call_id``), ``family``, ``source_seed``, ``tools`` (JSON, as LLaMA-Factory expects), the
+results with ``tool_call_id``), ``family``, ``source_seed`` (with the gold answer where the seed knows it), ``tools`` (JSON, as LLaMA-Factory expects), the
 instruction ``constraints`` (JSON), the generation settings and the model ids. Versions follow the UltraClean
 scheme (``core.versions``, ``core.manifest``): manifest with shards, accounting and stage table, a card, ``latest``.
 """
@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 
 from core.io import atomic_path, atomic_write_text, sha256_file
 from core.versions import SHARD_DIR
-from sft_synth.chat_format import render_prompt
+from sft_synth.chat_format import CHATML, render_prompt
+from sft_synth.generation.chat_template import ChatTemplate
 
 JSONL_DIR = "jsonl"
 TOOL_CALL = pa.struct([
@@ -37,7 +38,8 @@ SHARD_SCHEMA = pa.schema([
     ("messages", pa.list_(MESSAGE)),
     ("tools", pa.string()),
     ("constraints", pa.string()),
-    ("source_seed", pa.struct([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])),
+    ("source_seed", pa.struct([("id", pa.string()), ("source", pa.string()), ("text", pa.string()),
+                               ("answer", pa.string())])),
     ("language", pa.string()),
     ("generated_tokens", pa.int64()),
     ("generation_settings", pa.string()),
@@ -66,13 +68,13 @@ def row_tools(row: dict) -> list[dict] | None:
     return json.loads(row["tools"]) if row["tools"] else None
 
 
-def render_row(row: dict) -> str:
+def render_row(row: dict, template: ChatTemplate = CHATML) -> str:
     """The training text of a row, as the synthesis engine saw it."""
-    return render_prompt(row["messages"], row_tools(row), add_generation_prompt=False)
+    return render_prompt(row["messages"], row_tools(row), add_generation_prompt=False, template=template)
 
 
 def write_shard(rows: list[dict], directory: Path, number: int, compression: str | None,
-                tokenizer: Tokenizer | None) -> dict:
+                tokenizer: Tokenizer | None, template: ChatTemplate = CHATML) -> dict:
     """One Parquet shard and its JSONL twin, written atomically; returns the manifest entry."""
     name = f"shard-{number:05d}"
     parquet_path = directory / SHARD_DIR / f"{name}.parquet"
@@ -85,7 +87,7 @@ def write_shard(rows: list[dict], directory: Path, number: int, compression: str
     lines = [json.dumps({**{k: row[k] for k in SHARD_SCHEMA.names}, "messages": json_messages(row["messages"])},
                         ensure_ascii=False, sort_keys=True) for row in rows]
     atomic_write_text(jsonl_path, "".join(line + "\n" for line in lines))
-    texts = [render_row(row) for row in rows]
+    texts = [render_row(row, template) for row in rows]
     tokens = None
     if tokenizer is not None:
         tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)) if texts else 0

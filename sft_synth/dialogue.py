@@ -16,9 +16,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from sft_synth.chat_format import render_prompt
+from sft_synth.chat_format import CHATML, render_prompt
 from sft_synth.config import FamilyConfig, ToolUseConfig
 from sft_synth.generation import Generation, GenerationEngine, GenerationSettings
+from sft_synth.generation.chat_template import ChatTemplate
 from sft_synth.seeds import Seed
 from sft_synth.tools import (
     TOOL_CALL_OPEN,
@@ -56,13 +57,25 @@ def dialogue_id(seed: Seed) -> str:
 
 
 class DialogueSynthesizer:
-    """Turns seeds of one family into dialogues with one engine."""
+    """Turns seeds of one family into dialogues with one engine, prompting in the target's chat template."""
 
-    def __init__(self, engine: GenerationEngine, family: str, config: FamilyConfig, run_seed: int):
+    def __init__(self, engine: GenerationEngine, family: str, config: FamilyConfig, run_seed: int,
+                 template: ChatTemplate = CHATML):
         self.engine, self.family, self.config, self.run_seed = engine, family, config, run_seed
+        self.template = template
+        # The template's end-of-turn token and the target config's eos ids end a reply, also where the engine's own
+        # stop tokens (</s>, <|im_end|>) do not name them (Llama 3's <|eot_id|>).
+        named = [i for i in map(engine.tokenizer.token_to_id, template.stop_tokens) if i is not None]
+        eos = engine.target.config.eos_token_id
+        self.stop_token_ids = sorted({*named, *([eos] if isinstance(eos, int) else eos or [])})
 
     def _settings(self, settings: GenerationSettings, chunk: int, turn: int, role: str, **update) -> GenerationSettings:
-        return settings.model_copy(update={"seed": call_seed(self.run_seed, self.family, chunk, turn, role), **update})
+        stop_ids = sorted(set(settings.stop_token_ids) | set(self.stop_token_ids))
+        return settings.model_copy(update={"seed": call_seed(self.run_seed, self.family, chunk, turn, role),
+                                           "stop_token_ids": stop_ids, **update})
+
+    def _prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return render_prompt(messages, tools, template=self.template)
 
     def synthesize(self, seeds: list[Seed], chunk: int) -> list[dict]:
         states = [_State(seed, [{"role": "system", "content": self.config.system_prompt}]) for seed in seeds]
@@ -79,7 +92,7 @@ class DialogueSynthesizer:
     def _user_turn(self, states: list[_State], chunk: int, turn: int) -> None:
         simulated = [s for s in states if not (turn == 0 and s.seed.opening is not None)]
         prompts = [
-            render_prompt([{"role": "system", "content": self.config.user_prompt.format(material=s.seed.material)},
+            self._prompt([{"role": "system", "content": self.config.user_prompt.format(material=s.seed.material)},
                            *s.simulator_history])
             for s in simulated
         ]
@@ -93,7 +106,7 @@ class DialogueSynthesizer:
             state.messages.append({"role": "user", "content": text})
 
     def _assistant_turn(self, states: list[_State], chunk: int, turn: int) -> None:
-        prompts = [render_prompt(s.messages, s.seed.tools) for s in states]
+        prompts = [self._prompt(s.messages, s.seed.tools) for s in states]
         settings = self._settings(self.config.assistant, chunk, turn, "assistant")
         for state, generation in zip(states, self.engine.generate(prompts, settings)):
             text = state.record(generation)
@@ -114,7 +127,7 @@ class DialogueSynthesizer:
             tool = next(t for t in state.seed.tools if t["function"]["name"] == call["function"]["name"])
             system = config.tool_prompt.format(tool=json.dumps(tool, ensure_ascii=False, sort_keys=True),
                                                call=call["function"]["arguments"])
-            prompts.append(render_prompt([{"role": "system", "content": system},
+            prompts.append(self._prompt([{"role": "system", "content": system},
                                           {"role": "user", "content": call["function"]["arguments"]}]))
         settings = self._settings(config.tool, chunk, 0, "tool")
         for (state, call), generation in zip(jobs, self.engine.generate(prompts, settings)):
@@ -123,7 +136,7 @@ class DialogueSynthesizer:
 
     def _free_calls(self, states: list[_State], chunk: int) -> list[tuple[str, list[dict]] | None]:
         """The model writes the call; a response without a parsable call is kept as a plain answer and flagged."""
-        prompts = [render_prompt(s.messages, s.seed.tools) for s in states]
+        prompts = [self._prompt(s.messages, s.seed.tools) for s in states]
         settings = self._settings(self.config.assistant, chunk, 0, "tool_call")
         results = []
         for state, generation in zip(states, self.engine.generate(prompts, settings)):
@@ -161,7 +174,7 @@ class DialogueSynthesizer:
                 if not batch:
                     continue
                 prompts = [
-                    render_prompt(plan[0].messages, plan[0].seed.tools)
+                    self._prompt(plan[0].messages, plan[0].seed.tools)
                     + json_prefix_for(plan[1], filled[i], *plan[2][position])
                     for i, plan in batch
                 ]
@@ -186,7 +199,7 @@ class DialogueSynthesizer:
             "messages": state.messages,
             "tools": json.dumps(seed.tools, ensure_ascii=False, sort_keys=True) if seed.tools else "",
             "constraints": json.dumps(seed.constraints, sort_keys=True) if seed.constraints else "",
-            "source_seed": {"id": seed.id, "source": seed.source, "text": seed.material},
+            "source_seed": {"id": seed.id, "source": seed.source, "text": seed.material, "answer": seed.answer},
             "generated_tokens": state.generated_tokens,
             "truncated": state.truncated,
             "tool_call_error": state.tool_call_error,

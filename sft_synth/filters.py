@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +20,11 @@ import xxhash
 from datatrove.data import Document
 
 from sft_synth.config import (
+    AnswersFilterConfig,
     BenchmarkSpec,
     DecontaminationConfig,
     FiltersConfig,
+    GroundingFilterConfig,
     LanguageFilterConfig,
     LengthFilterConfig,
     resolve_path,
@@ -129,35 +132,141 @@ class ConstraintFilter(Stage):
         return doc
 
 
+def tool_call_problem(record: dict) -> str | None:
+    """Why a dialogue's tool calls are unusable (None: fine): stray call text anywhere; in tool use, a missing
+    call, one that does not fit its schema, or one without a tool result."""
+    messages = record["messages"]
+    if any(m["role"] == "assistant" and TOOL_CALL_OPEN in m["content"] for m in messages):
+        return "tool_call_stray_text"
+    if record["family"] != "tool_use":
+        return None
+    if record.get("tool_call_error"):
+        return f"tool_call_{record['tool_call_error'].replace(' ', '_')}"
+    calls = [call for m in messages if m.get("tool_calls") for call in m["tool_calls"]]
+    if not calls:
+        return "tool_call_missing"
+    tools = check_tools(json.loads(record["tools"]))
+    if any(call_errors(call["function"]["name"], call["function"]["arguments"], tools) for call in calls):
+        return "tool_call_schema"
+    answered = {m.get("tool_call_id") for m in messages if m["role"] == "tool"}
+    if any(call["id"] not in answered for call in calls):
+        return "tool_result_missing"
+    return None
+
+
 class ToolCallFilter(Stage):
     """Tool use: at least one call, every call fits its schema and gets a tool result; no stray call text."""
 
     name = "filter_tool_calls"
 
     def process(self, doc: Document) -> Document | None:
+        problem = tool_call_problem(doc.metadata["record"])
+        if problem is not None:
+            self.drop(problem)
+            return None
+        return doc
+
+
+# A number as answers write it: optional sign and currency, thousands separators, decimals ("-$1,200.50").
+_NUMBER = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_FINAL_ANSWER_PATTERNS = (
+    re.compile(rf"####\s*({_NUMBER})"),
+    re.compile(rf"\\boxed\{{\s*({_NUMBER})"),
+    re.compile(rf"answer\s*(?:is|:|=)\s*:?\s*(?:\*\*)?\s*({_NUMBER})", re.IGNORECASE),
+)
+
+
+def parse_number(text: str) -> float | None:
+    cleaned = re.sub(r"[\s$,]", "", text)
+    try:
+        return float(cleaned)
+    except ValueError:
+        return None
+
+
+def final_answer(text: str) -> float | None:
+    """The final numeric answer of a reply: the last '#### N', '\\boxed{N}' or 'the answer is N', else the last
+    number in the text; None when the reply has no number at all."""
+    for pattern in _FINAL_ANSWER_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            return parse_number(found[-1])
+    numbers = re.findall(_NUMBER, text)
+    return parse_number(numbers[-1]) if numbers else None
+
+
+def answer_problem(record: dict, relative_tolerance: float) -> str | None:
+    """Why a reasoning dialogue's first reply misses its seed's gold answer (None: it matches, or no gold)."""
+    gold = parse_number((record["source_seed"] or {}).get("answer") or "")
+    if gold is None:
+        return None
+    reply = next((m["content"] for m in record["messages"] if m["role"] == "assistant"), "")
+    value = final_answer(reply)
+    if value is None:
+        return "answer_missing"
+    return None if abs(value - gold) <= relative_tolerance * max(abs(gold), 1.0) else "answer_wrong"
+
+
+class AnswerFilter(Stage):
+    """Reasoning: the first reply's final answer must equal the gold answer of the seed problem (GSM8K)."""
+
+    name = "filter_answers"
+
+    def __init__(self, config: AnswersFilterConfig, accounting=None):
+        super().__init__(accounting)
+        self.config = config
+
+    def process(self, doc: Document) -> Document | None:
         record = doc.metadata["record"]
-        messages = record["messages"]
-        if any(m["role"] == "assistant" and TOOL_CALL_OPEN in m["content"] for m in messages):
-            self.drop("tool_call_stray_text")
+        problem = answer_problem(record, self.config.relative_tolerance) if record["family"] == "reasoning" else None
+        if problem is not None:
+            self.drop(problem)
             return None
-        if record["family"] != "tool_use":
-            return doc
-        if record.get("tool_call_error"):
-            self.drop(f"tool_call_{record['tool_call_error'].replace(' ', '_')}")
-            return None
-        calls = [call for m in messages if m.get("tool_calls") for call in m["tool_calls"]]
-        if not calls:
-            self.drop("tool_call_missing")
-            return None
-        tools = check_tools(json.loads(record["tools"]))
-        for call in calls:
-            if call_errors(call["function"]["name"], call["function"]["arguments"], tools):
-                self.drop("tool_call_schema")
+        return doc
+
+
+# English function words: they say nothing about where an answer's content comes from.
+STOPWORDS = frozenset({
+    "a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any", "are", "as", "at",
+    "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did", "do",
+    "does", "doing", "down", "during", "each", "few", "for", "from", "further", "had", "has", "have", "having", "he",
+    "her", "here", "hers", "herself", "him", "himself", "his", "how", "i", "if", "in", "into", "is", "it", "its",
+    "itself", "just", "me", "more", "most", "my", "myself", "no", "nor", "not", "now", "of", "off", "on", "once",
+    "only", "or", "other", "our", "ours", "ourselves", "out", "over", "own", "same", "she", "should", "so", "some",
+    "such", "than", "that", "the", "their", "theirs", "them", "themselves", "then", "there", "these", "they", "this",
+    "those", "through", "to", "too", "under", "until", "up", "very", "was", "we", "were", "what", "when", "where",
+    "which", "while", "who", "whom", "why", "will", "with", "would", "you", "your", "yours", "yourself", "yourselves"
+})
+# Han characters one by one (Chinese has no spaces); other scripts as runs of letters.
+_CONTENT_WORD = re.compile(r"[\u3400-\u9fff]|[^\W\d_\u3400-\u9fff]+")
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in _CONTENT_WORD.findall(text.lower()) if w not in STOPWORDS and (len(w) > 2 or w > "\u3400")}
+
+
+def grounding(answer: str, passage: str) -> float:
+    """Share of the answer's distinct content words that occur in the passage (0 when it has none)."""
+    words = content_words(answer)
+    return len(words & content_words(passage)) / len(words) if words else 0.0
+
+
+class GroundingFilter(Stage):
+    """Knowledge: the assistant's answers must draw on the seed passage (content-word overlap)."""
+
+    name = "filter_grounding"
+
+    def __init__(self, config: GroundingFilterConfig, accounting=None):
+        super().__init__(accounting)
+        self.config = config
+
+    def process(self, doc: Document) -> Document | None:
+        record = doc.metadata["record"]
+        if record["family"] == "knowledge":
+            answers = " ".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
+            if grounding(answers, record["source_seed"]["text"]) < self.config.min_overlap:
+                self.drop("ungrounded")
                 return None
-        answered = {m.get("tool_call_id") for m in messages if m["role"] == "tool"}
-        if any(call["id"] not in answered for call in calls):
-            self.drop("tool_result_missing")
-            return None
         return doc
 
 
@@ -250,6 +359,10 @@ class DecontaminationFilter(Stage):
 def dialogue_filters(config: FiltersConfig, index: BenchmarkIndex | None, accounting) -> list[Stage]:
     """The per-dialogue stages, in order; cheap checks first."""
     stages: list[Stage] = [LengthRepetitionFilter(config.length, accounting)]
+    if config.answers.enabled:
+        stages.append(AnswerFilter(config.answers, accounting))
+    if config.grounding.enabled:
+        stages.append(GroundingFilter(config.grounding, accounting))
     if config.tool_calls:
         stages.append(ToolCallFilter(accounting))
     if config.constraints:

@@ -1,7 +1,7 @@
 """Seeds: what each dialogue starts from, per family, drawn deterministically from the configured sources.
 
 knowledge     a passage of a document from an UltraClean dataset version; the user simulator asks about it
-reasoning     a problem (GSM8K train question); it is the first user message verbatim
+reasoning     a problem (GSM8K train question); it is the first user message verbatim; its gold answer is kept
 instruction   a task on a topic plus verifiable constraints; the first user message verbatim
 long_context  a long document from a dataset version, attached to the first user message; the simulator asks
 tool_use      a few tool schemas and the tool the request is meant for; the simulator writes the request
@@ -39,6 +39,7 @@ class Seed:
     constraints: list[dict] = field(default_factory=list)
     tools: list[dict] = field(default_factory=list)
     tool: str | None = None  # the tool the request is meant for
+    answer: str | None = None  # the gold final answer, when the source knows it (GSM8K)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -117,12 +118,21 @@ def reasoning_seeds(config: UltraChatConfig, base_dir: Path) -> list[Seed]:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f):
                 if line.strip():
-                    yield str(number), json.loads(line)[family.question_field]
+                    item = json.loads(line)
+                    answer = item.get(family.answer_field) if family.answer_field else None
+                    yield str(number), (item[family.question_field], gold_answer(answer))
 
     return [
-        Seed("reasoning", f"{path.name}:{loc}", path.name, question, opening=question)
-        for loc, question in _choose(problems(), family.count, config.seed, "reasoning")
+        Seed("reasoning", f"{path.name}:{loc}", path.name, question, opening=question, answer=answer)
+        for loc, (question, answer) in _choose(problems(), family.count, config.seed, "reasoning")
     ]
+
+
+def gold_answer(solution: str | None) -> str | None:
+    """The final answer of a worked solution: what follows GSM8K's '####' marker, else the whole text."""
+    if solution is None:
+        return None
+    return str(solution).rpartition("####")[2].strip()
 
 
 def instruction_seeds(config: UltraChatConfig, base_dir: Path) -> list[Seed]:

@@ -12,6 +12,7 @@ import copy
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -26,29 +27,36 @@ from core.config import ConfigError
 from core.manifest import publish_table, verify_version
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.tokenizer import train_bpe_tokenizer
-from pipelines.ultrachat import main, run_ultrachat
+from pipelines.ultrachat import main, plan_chunks, plan_synthesis, run_ultrachat
 from sft_synth.chat_format import render_prompt, render_with_template
 from sft_synth.config import (
+    AnswersFilterConfig,
     DecontaminationConfig,
+    GroundingFilterConfig,
     LanguageFilterConfig,
     LengthFilterConfig,
     load_config,
     parse_config,
 )
 from sft_synth.constraints import CONSTRAINTS, violated
-from sft_synth.dataset import render_row
+from sft_synth.dataset import PART_SCHEMA, arrow_messages, render_row
 from sft_synth.filters import (
+    AnswerFilter,
     BenchmarkIndex,
     ConstraintFilter,
     DecontaminationFilter,
+    GroundingFilter,
     LanguageFilter,
     LengthRepetitionFilter,
     ToolCallFilter,
+    answer_problem,
     as_document,
     dedup_keys,
     duplicates,
+    parse_number,
 )
-from sft_synth.seeds import build_seeds
+from sft_synth.quality import assistant_replies, distinct_n, self_similarity
+from sft_synth.seeds import build_seeds, gold_answer
 from sft_synth.tools import openai_tool_call, parse_tool_calls
 from stages.dedup import DedupConfig, MinHasher
 
@@ -133,6 +141,62 @@ def test_constraint_filter_checks_the_answer_to_the_instruction():
     kept, reasons = run_stage(ConstraintFilter(), [good, bad, record(order=2)])
     assert [r["order"] for r in kept] == [0, 2]
     assert reasons == {"constraint_include_keywords": 1}
+
+
+GSM8K_QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                  "How many clips did Natalia sell altogether in April and May?")
+
+
+def reasoning(answer, gold="72", order=0):
+    return record("reasoning", answer=answer, question=GSM8K_QUESTION, order=order,
+                  source_seed={"id": "train.jsonl:0", "source": "train.jsonl", "text": GSM8K_QUESTION, "answer": gold})
+
+
+def test_answer_filter_keeps_only_replies_whose_final_number_is_the_gold_answer():
+    replies = [
+        ("In May she sold 48 / 2 = 24 clips, so 48 + 24 = 72 in all.\n#### 72", "72", None),
+        ("48 + 24 = 72. The answer is 72.", "72", None),
+        ("Altogether that is $1,200.00.", "1200", None),  # currency, separators and decimals compare as numbers
+        ("She sold 48 + 24 clips, 72 in total.", "72", None),  # no marker: the last number
+        ("She sold 48 + 24 = 70 clips.\n#### 70", "72", "answer_wrong"),
+        ("The answer is 72, since 24 were sold in May.", "72", None),  # the stated answer, not the last number
+        ("In April the clips went out,\nin May the half came about.", "72", "answer_missing"),  # verse, no number
+        ("#### 72", None, None),  # no gold answer: nothing to check
+    ]
+    records = [reasoning(text, gold, order) for order, (text, gold, _) in enumerate(replies)]
+    records.append(record(order=len(records), answer="No numbers here at all, and this is no reasoning dialogue."))
+    kept, reasons = run_stage(AnswerFilter(AnswersFilterConfig()), records)
+    assert [r["order"] for r in kept] == [i for i, case in enumerate(replies) if case[2] is None] + [len(replies)]
+    assert reasons == {"answer_wrong": 1, "answer_missing": 1}
+
+
+def test_answer_check_on_every_gsm8k_train_solution():
+    """Real data: each worked solution passes against its own gold answer and fails against another item's."""
+    tolerance = AnswersFilterConfig().relative_tolerance
+    items = [json.loads(line) for line in (GSM8K / "train.jsonl").read_text().splitlines()]
+    golds = [gold_answer(item["answer"]) for item in items]
+    own = Counter(answer_problem(reasoning(item["answer"], gold), tolerance) for item, gold in zip(items, golds))
+    assert own == {None: len(items)}
+    shifted = Counter(answer_problem(reasoning(item["answer"], gold), tolerance)
+                      for item, gold, own_gold in zip(items, golds[1:], golds)
+                      if parse_number(gold) != parse_number(own_gold))
+    assert shifted == {"answer_wrong": sum(shifted.values())}
+
+
+def test_grounding_filter_measures_content_word_overlap_with_the_passage():
+    passage = ("Photosynthesis takes place in chloroplasts. Green plants absorb sunlight with chlorophyll and turn "
+               "water and carbon dioxide into glucose, releasing oxygen.")
+    seed = {"id": "docs:0", "source": "docs", "text": passage, "answer": None}
+    # content words of the answer: chloroplasts, absorb, sunlight, release, oxygen, leaves -> 4 of 6 in the passage
+    grounded = record(answer="Chloroplasts absorb sunlight and release oxygen from the leaves.", source_seed=seed)
+    # volcanoes, erupt, magma, rises, crust, oxygen -> 1 of 6
+    drifted = record(answer="Volcanoes erupt when magma rises through the crust, with oxygen.", order=1,
+                     source_seed=seed)
+    other_family = {**drifted, "family": "instruction", "order": 2}
+    kept, reasons = run_stage(GroundingFilter(GroundingFilterConfig(min_overlap=0.5)), [grounded, drifted, other_family])
+    assert [r["order"] for r in kept] == [0, 2] and reasons == {"ungrounded": 1}
+    kept, _ = run_stage(GroundingFilter(GroundingFilterConfig(min_overlap=0.15)), [drifted])
+    assert len(kept) == 1  # 1/6 = 0.167 passes a threshold of 0.15
 
 
 def tool_dialogue(order, name="get_weather", arguments=None, *, answered=True):
@@ -267,7 +331,7 @@ def job(tmp_path_factory):
                          "tools_per_seed": 2, "tool_prompt": "You are {tool}. Answer {call}.", "tool": short},
         },
         "filters": {"length": {"min_chars": 0, "max_repeated_ngram_fraction": 1.0, "drop_truncated": False},
-                    "language": {"enabled": False},
+                    "language": {"enabled": False}, "answers": {"enabled": False}, "grounding": {"enabled": False},
                     "decontamination": {"benchmarks": [{"path": str(GSM8K / "test.jsonl"), "format": "gsm8k"}]}},
         "output": {"root": "out", "keep_work": True},
         "ray": {"num_actors": 2, "cpus_per_actor": 1},
@@ -387,6 +451,11 @@ def test_seeds_are_deterministic_and_drawn_from_their_sources(job):
         assert CONSTRAINTS[seed.constraints[0]["kind"]].describe(seed.constraints[0]) in seed.opening
     for seed in seeds["tool_use"]:
         assert seed.tool == seed.tools[0]["function"]["name"] and len(seed.tools) == 2
+    gsm8k = [json.loads(line) for line in (GSM8K / "train.jsonl").read_text().splitlines()]
+    for seed in seeds["reasoning"]:
+        item = gsm8k[int(seed.id.rsplit(":", 1)[1])]
+        assert seed.opening == item["question"]
+        assert seed.answer == item["answer"].split("\n")[-1].removeprefix("#### ") and seed.answer.isdigit()
 
 
 def test_config_errors_name_the_key_and_missing_models_are_named(job, tmp_path):
@@ -402,3 +471,64 @@ def test_config_errors_name_the_key_and_missing_models_are_named(job, tmp_path):
     config = parse_config({**data, "models": {"target": "no-such-model"}})
     with pytest.raises(FileNotFoundError, match="models.target: no model at .*no-such-model"):
         run_ultrachat(config, tmp_path, tmp_path / "out")
+
+
+def test_quality_report_of_a_version_holds_hand_computed_figures(job, ray_local, tmp_path):
+    """Parts written by hand where the generation would write them: the job filters them and reports on them."""
+    config = parse_config({
+        "name": "quality-test", "seed": 0, "chunk_size": 4, "models": {"target": str(job / "target")},
+        "families": {"reasoning": {"count": 3, "turns": 1, "system_prompt": "Solve it.", "user_prompt": "{material}",
+                                   "source": str(GSM8K / "train.jsonl")}},
+        "filters": {"length": {"min_chars": 0}, "language": {"enabled": False}},
+        "output": {"root": str(tmp_path / "out")},
+    })
+    plan = plan_synthesis(config, job)
+    [chunk] = plan_chunks(config, plan.seeds, tmp_path / "out" / ".work" / plan.generation_id / "parts")
+    seeds = plan.seeds["reasoning"]
+    golds = [seed.answer for seed in seeds]
+    assert len(set(golds)) == 3 and all(gold.isdigit() for gold in golds)
+    replies = [f"The answer is {golds[0]}.", f"The answer is {golds[1]}.", "I do not know."]
+    rows = [{"id": f"reasoning-{i}", "family": "reasoning", "order": i, "truncated": False, "tool_call_error": None,
+             "tools": "", "constraints": "", "language": None, "generated_tokens": 5, "generation_settings": "{}",
+             "models": {"target": "t", "draft": None},
+             "source_seed": {"id": seed.id, "source": seed.source, "text": seed.material, "answer": seed.answer},
+             "messages": arrow_messages([{"role": "system", "content": "Solve it."},
+                                         {"role": "user", "content": seed.opening},
+                                         {"role": "assistant", "content": reply}])}
+            for i, (seed, reply) in enumerate(zip(seeds, replies))]
+    Path(chunk["part_path"]).parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA), chunk["part_path"])
+
+    result = run_ultrachat(config, job, tmp_path / "out")
+    assert result.chunks_generated == 0 and verify_version(result.version_path) == []
+    report = json.loads((result.version_path / "quality.json").read_text())["families"]["reasoning"]
+    assert (result.version_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["seeds"] == report["generated"] == 3 and report["kept"] == 2
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["filter_answers"] == {"stage": "filter_answers", "in": 3, "out": 2, "pass_rate": 0.666667,
+                                        "dropped": {"answer_missing": 1}}
+    assert stages["generation"]["pass_rate"] == stages["dedup"]["pass_rate"] == 1.0
+    assert report["answers"] == {"checked": 3, "correct": 2, "wrong": 0, "missing": 1, "accuracy": 0.666667}
+    # kept replies "the answer is G0" and "the answer is G1": 5 of 8 words, 4 of 6 bigrams, 3 of 4 trigrams distinct;
+    # trigram sets {the answer is, answer is G0} and {the answer is, answer is G1} share 1 of 3
+    assert report["distinct"] == {"1": 0.625, "2": 0.666667, "3": 0.75}
+    assert report["self_similarity"] == {"dialogues": 2, "mean_jaccard": 0.333333, "mean_nearest_jaccard": 0.333333}
+    assert report["turns"] == {"1": 2}
+    assert report["assistant_chars"]["counts"] == [0, 2] + [0] * 9  # 16 to 20 characters each
+    card = (result.version_path / "README.md").read_text()
+    assert ("| reasoning | 3 | 2 | filter_answers 67% | answer_missing: 1 | answers correct 67% (0 wrong, 1 no number) "
+            "| 0.62/0.67/0.75 | 0.333 / 0.333 |") in card
+
+
+def test_distinct_n_and_self_similarity_on_hand_computed_dialogues():
+    def dialogue(*replies):
+        return {"messages": [{"role": "user", "content": "q"}, *({"role": "assistant", "content": r} for r in replies)]}
+
+    dialogues = [dialogue("A b, c d."), dialogue("a b c e"), dialogue("x y", "z w v")]
+    replies = [reply for d in dialogues for reply in assistant_replies(d)]
+    # words a b c d | a b c e | x y | z w v: 13 words, 10 distinct; bigrams ab bc cd | ab bc ce | xy | zw wv: 9, 7 distinct
+    assert distinct_n(replies, 1) == round(10 / 13, 6) and distinct_n(replies, 2) == round(7 / 9, 6)
+    assert distinct_n(["one two"], 3) is None
+    # trigram sets {abc, bcd}, {abc, bce}, {zwv}: J12 = 1/3, J13 = J23 = 0; nearest 1/3, 1/3, 0
+    assert self_similarity(dialogues) == {"dialogues": 3, "mean_jaccard": round(1 / 9, 6),
+                                          "mean_nearest_jaccard": round(2 / 9, 6)}
