@@ -11,6 +11,7 @@ complete or not at all), and a dataset version is complete when its manifest, wr
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -18,6 +19,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -113,6 +115,50 @@ def local_copy(path: str | os.PathLike) -> Path:
         where.fs.get_file(where.path, str(partial))
         os.replace(partial, cached)
     return cached
+
+
+def mirror_dir(root: str | os.PathLike) -> Path:
+    """Where ``mirrored`` keeps the local copy of a remote root: the same path on every node (named by the URL)."""
+    return Path(tempfile.gettempdir()) / "ultraclean-mirror" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+
+
+def _files(directory: Path) -> dict[str, tuple[int, int]]:
+    """Finished files under a directory (an atomic write's hidden temporary is not one), with size and mtime."""
+    return {p.relative_to(directory).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in directory.rglob("*") if p.is_file() and not any(q.startswith(".") for q in p.parts)}
+
+
+@contextlib.contextmanager
+def mirrored(root: str | os.PathLike, only: list[str] | None = None) -> Iterator[Path]:
+    """A local working directory for code that writes in place (torch checkpoints, memory-mapped token caches).
+
+    A local ``root`` is yielded as it is. For a remote one, ``mirror_dir(root)`` first receives what the store holds
+    under the sub-paths ``only`` (everything when None) that it lacks, so finished work is found again; when the
+    block ends, failure or not, every file it added or changed is uploaded, so that work survives the process (and
+    a re-run on any node resumes from the store).
+    """
+    where = location(root)
+    if not is_remote(where):
+        yield Path(where)
+        return
+    local = mirror_dir(where)
+    local.mkdir(parents=True, exist_ok=True)
+    for prefix in only if only is not None else [""]:
+        base = where / prefix if prefix else where
+        for remote in (base.rglob("*") if base.is_dir() else []):
+            target = local / remote.relative_to(where).as_posix()
+            if remote.is_file() and not (target.is_file() and target.stat().st_size == remote.stat().st_size):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+                where.fs.get_file(remote.path, str(partial))
+                os.replace(partial, target)
+    before = _files(local)
+    try:
+        yield local
+    finally:
+        for name, stamp in sorted(_files(local).items()):
+            if before.get(name) != stamp:
+                where.fs.put_file(str(local / name), (where / name).path)
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

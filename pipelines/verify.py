@@ -10,6 +10,8 @@ the decision rule turns the per-seed deltas into keep / reject / inconclusive, a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import sys
 import time
@@ -21,6 +23,7 @@ import ray
 from core.config import ConfigError
 from core.io import canonical_json
 from core.runtime import ensure_ray, gather
+from core.storage import AnyPath, is_remote, location, mirror_dir, mirrored
 from model.train import TrainConfig
 from verification.anneal import AnnealRun, check_candidate_size, run_anneal
 from verification.config import BASELINE, Candidate, Resources, VerificationConfig, load_verification_config
@@ -46,29 +49,43 @@ def use_assigned_cpus() -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-@ray.remote
-def stage1_task(train_config: TrainConfig) -> dict:
-    use_assigned_cpus()
-    return train_stage1(train_config)
+# What the processes of a verification read from a work_dir on object storage (their local mirror gets these first):
+# the driver, the stage-1 task and every anneal task (which adds its own run's directory, to resume it).
+SHARED_WORK = ["stage1", "base_mix", "token_cache", "controls"]
+DRIVER_WORK = [*SHARED_WORK, "document_hashes", "reports"]
+
+
+def synced(store: str | None, only: list[str]) -> contextlib.AbstractContextManager:
+    """With a remote work_dir (``store``), this process's local mirror of it, synced both ways around the work."""
+    return mirrored(store, only) if store else contextlib.nullcontext()
 
 
 @ray.remote
-def anneal_task(run: AnnealRun, config: VerificationConfig, stage1: Stage1Checkpoint) -> dict:
+def stage1_task(train_config: TrainConfig, store: str | None) -> dict:
     use_assigned_cpus()
-    return run_anneal(run, config, stage1)
+    with synced(store, SHARED_WORK):
+        return train_stage1(train_config)
+
+
+@ray.remote
+def anneal_task(run: AnnealRun, config: VerificationConfig, stage1: Stage1Checkpoint, store: str | None) -> dict:
+    use_assigned_cpus()
+    own = Path(run.directory(config, stage1)).relative_to(Path(config.work_dir).resolve()).as_posix()
+    with synced(store, [*SHARED_WORK, own]):
+        return run_anneal(run, config, stage1)
 
 
 def task_options(resources: Resources) -> dict:
     return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_retries": 1}
 
 
-def ensure_stage1(config: VerificationConfig) -> Stage1Checkpoint:
+def ensure_stage1(config: VerificationConfig, store: str | None = None) -> Stage1Checkpoint:
     """The stage-1 checkpoint for this base mix and config: reused when finished, else trained in one Ray task."""
     stage1 = find_stage1(config)
     if stage1 is None:
         plan = plan_stage1(config)
         stage1 = plan.finish(ray.get(stage1_task.options(**task_options(config.stage1.resources)).remote(
-            plan.train_config)))
+            plan.train_config, store)))
     return stage1
 
 
@@ -77,7 +94,7 @@ class VerificationResult:
     decisions: dict[str, Decision]
     stage1: Stage1Checkpoint
     runs: list[dict]
-    report_path: Path
+    report_path: AnyPath
     seconds: float
 
     @property
@@ -87,14 +104,29 @@ class VerificationResult:
 
 def verify(config: VerificationConfig, candidates: list[Candidate] | None = None) -> VerificationResult:
     """Verify config.candidates (or the given ones), each beside its own shuffled control, against the baseline
-    anneal; Ray must be reachable."""
+    anneal; Ray must be reachable.
+
+    A ``work_dir`` on object storage is worked in through local mirrors (``core.storage.mirrored``), one per
+    process and node at the same path, each synced with the store: the stage-1 checkpoint, token caches, anneal runs
+    and the report end up on the store, and a re-run anywhere reuses them."""
+    store = config.work_dir if is_remote(config.work_dir) else None
+    with synced(store, DRIVER_WORK):
+        local = config.model_copy(update={"work_dir": str(mirror_dir(store))}) if store else config
+        result = _verify(local, candidates, store)
+    if store:
+        relative = result.report_path.relative_to(mirror_dir(store)).as_posix()
+        result = dataclasses.replace(result, report_path=location(store) / relative)
+    return result
+
+
+def _verify(config: VerificationConfig, candidates: list[Candidate] | None, store: str | None) -> VerificationResult:
     started = time.perf_counter()
     candidates = config.candidates if candidates is None else candidates
     if not candidates:
         raise ValueError("nothing to verify: no candidates")
     check_independence(config, candidates)
     ensure_ray()
-    stage1 = ensure_stage1(config)
+    stage1 = ensure_stage1(config, store)
     controls_dir = Path(config.work_dir).resolve() / "controls"
     controls = {c.name: control_for(c, source_fingerprint(c.path, c.text_column), controls_dir) for c in candidates}
     for candidate in [*candidates, *controls.values()]:
@@ -102,7 +134,7 @@ def verify(config: VerificationConfig, candidates: list[Candidate] | None = None
     runs = [AnnealRun.baseline(config, seed) for seed in config.anneal.seeds]
     runs += [AnnealRun.for_candidate(config, c, seed) for c in [*candidates, *controls.values()]
              for seed in config.anneal.seeds]
-    refs = [anneal_task.options(**task_options(run.resources)).remote(run, config, stage1) for run in runs]
+    refs = [anneal_task.options(**task_options(run.resources)).remote(run, config, stage1, store) for run in runs]
     records = gather(refs, "anneal", labels=[f"{run.name} seed {run.seed}" for run in runs])
 
     def units_of(name: str) -> dict[int, dict]:

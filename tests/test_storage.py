@@ -18,19 +18,24 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
 
 from core.config import ConfigError
 from core.manifest import verify_version
-from core.storage import glob_files, location
+from core.storage import glob_files, location, mirror_dir
 from core.versions import DatasetVersion
+from model.data import DataSource
 from pipelines.config import parse_config
 from pipelines.ingest import run_ingest
 from pipelines.score import score_version
 from pipelines.selection import select_version
+from pipelines.verify import verify
 from stages.classifier import ClassifierConfig, train_classifier
+from verification.config import parse_verification_config
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "crawl-bucket"
@@ -178,6 +183,40 @@ def test_classifier_score_and_select_on_the_bucket(local_run, shared_data, tmp_p
     for bucket, local in zip(results["bucket"], results["local"]):
         assert _manifest_bytes(bucket.version_path) == _manifest_bytes(local.version_path)
     assert 0 < results["bucket"][1].manifest["totals"]["rows"] < local_run.manifest["totals"]["rows"]
+
+
+def test_verification_works_in_a_bucket_and_resumes_on_a_fresh_node(s3_env, shared_data):
+    """verification.work_dir on the store: stage 1, the anneals and the report land in the bucket; a second run from
+    an empty local disk (another node) finds them there and trains nothing."""
+    wiki = [d for d in DataSource(str(shared_data / "text/wikitext-2/valid.txt")).documents() if len(d.split()) >= 20]
+    with location(f"s3://{BUCKET}/pools/wiki.parquet").open("wb") as sink:
+        pq.write_table(pa.table({"content": wiki[:400]}), sink)
+    work = f"s3://{BUCKET}/verification"
+    config = parse_verification_config({
+        "work_dir": work,
+        "base_mix": [{"path": str(shared_data / "text/tinyshakespeare.txt"), "ratio": 1.0}],
+        "candidates": [{"name": "wiki", "path": f"s3://{BUCKET}/pools/wiki.parquet"}],
+        "proxy": {"model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64,
+                            "dim_model_base": 16}, "tokenizer_vocab_size": 512, "seq_len": 32, "batch_size": 8},
+        "stage1": {"warmup_steps": 2, "stable_steps": 10},
+        "anneal": {"decay_steps": 6, "candidate_ratio": 0.5, "seeds": [0, 1]},
+        "evaluation": {"reference_sets": [{"name": "wikitext", "path": str(shared_data / "text/wikitext-2/test.txt"),
+                                           "max_sequences": 8}]},
+        "decision": {"metric": "loss:wikitext", "min_effect": 0.03},
+    })
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    first = verify(config)
+    assert first.stage1.trained
+    assert str(first.report_path).startswith(work + "/reports/") and first.report_path.is_file()
+    assert (first.report_path.parent / "anneal_curves.png").is_file()
+    assert len(glob_files(f"{work}/stage1/*/*.json")) >= 1
+    shutil.rmtree(mirror_dir(work))  # a fresh node: nothing local
+    again = verify(config)
+    assert not again.stage1.trained
+    assert again.runs == first.runs  # the anneal records, read back from the store, not re-run
+    assert again.decisions == first.decisions
 
 
 @pytest.fixture(scope="module")

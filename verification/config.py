@@ -148,7 +148,8 @@ class DecisionConfig(Strict):
 
 
 class VerificationConfig(Strict):
-    work_dir: str = Field("verification-work", description="stage-1 cache, anneal runs and reports")
+    work_dir: str = Field("verification-work", description="stage-1 cache, anneal runs and reports (a local path or "
+                          "an fsspec URL: then every process works in a local mirror that it syncs with the store)")
     base_mix: list[MixSource] = Field(min_length=1)
     candidates: list[Candidate] = Field(default_factory=list)
     proxy: ProxyConfig
@@ -156,15 +157,6 @@ class VerificationConfig(Strict):
     anneal: AnnealConfig
     evaluation: EvaluationConfig
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
-
-    @field_validator("work_dir")
-    @classmethod
-    def work_dir_is_local(cls, value: str) -> str:
-        # checkpoints, token caches and memory-mapped windows are written and read by torch and numpy in place
-        if "://" in value and not value.startswith("file://"):
-            raise ValueError(f"{value!r}: the verification work directory must be a local (or shared) path; data "
-                             "sources and candidates may be on object storage")
-        return value.removeprefix("file://")
 
     @model_validator(mode="after")
     def _consistent(self) -> VerificationConfig:
