@@ -14,6 +14,7 @@ recall and speed on trafilatura's annotated evaluation pages.
 from __future__ import annotations
 
 import re
+from html import unescape
 from typing import Literal
 
 from datatrove.data import Document
@@ -35,7 +36,7 @@ class ExtractConfig(Strict):
     # output would depend on which pages the same worker saw before: off, for byte-identical re-runs
     deduplicate: bool = Field(False, description="trafilatura only")
     min_line_words: PositiveInt = Field(
-        4, description="resiliparse_pruned: a line with fewer words is kept only if it ends a sentence"
+        4, description="resiliparse_pruned: a shorter line is kept if it ends a sentence or heads a paragraph"
     )
 
 
@@ -78,16 +79,32 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")  # words without
 # Menus ("Home | About | Contact") and the site-wide legal lines (copyright, cookie notices)
 _MENU_SEPARATORS = 2
 _LEGAL = re.compile(r"©|\ball rights reserved\b|\bcopyright\b|\bcookies?\b", re.IGNORECASE)
+# A line mostly made of link text is navigation or a teaser (jusText's and trafilatura's link-density test)
+MAX_LINK_SHARE = 0.5
+_MIN_ANCHOR_CHARS = 3  # shorter link texts ("1", "»") would match inside any line
+_ANCHOR = re.compile(r"<a\b[^>]*>(.*?)</a\s*>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+# A paragraph: a full sentence of at least this many words; a short line right before one is its heading
+PARAGRAPH_WORDS = 10
+
+
+def link_texts(html: str) -> set[str]:
+    """The texts of the page's links, whitespace collapsed (a regex on the HTML: walking lexbor's nodes from Python
+    costs more than the whole extraction)."""
+    texts = (" ".join(unescape(_TAG.sub("", inner)).split()) for inner in _ANCHOR.findall(html))
+    return {text for text in texts if len(text) >= _MIN_ANCHOR_CHARS}
 
 
 class PrunedResiliparse:
-    """resiliparse's main-content extraction, made precise with three cheap rules from general principles:
+    """resiliparse's main-content extraction, made precise with cheap rules from general principles:
 
     1. read only the article container when the page marks one (schema.org ``articleBody``, CMS classes,
        ``<article>``, ``<main>``), so teasers, comments and related links around it never enter;
     2. skip captions, forms, asides and widgets named as boilerplate (newsletter, related, breadcrumb, ...);
-    3. drop boilerplate lines: menus (``a | b | c``), copyright and cookie lines, and short lines that do not end a
-       sentence (headings of widgets: "Tags", "Share this", "Read more") - C4's line rule, applied to short lines only.
+    3. drop boilerplate lines: menus (``a | b | c``), copyright and cookie lines, lines mostly made of link text;
+    4. drop short lines (fewer than ``min_line_words``) that neither end a sentence nor head a paragraph: widget
+       titles ("Tags", "Share this", "Read more") go, section headings stay (jusText classifies short blocks by
+       their neighbours the same way).
     """
 
     def __init__(self, config: ExtractConfig):
@@ -96,27 +113,43 @@ class PrunedResiliparse:
                         "skip_elements": BOILERPLATE_ELEMENTS}
 
     def extract(self, html: str) -> str:
-        tree = HTMLTree.parse(html)
-        text = self.main_text(tree)
-        return "\n".join(line for line in text.split("\n") if self.is_main_line(line.strip()))
+        text, scope = self.main_text(html)
+        anchors = link_texts(scope)
+        lines = [" ".join(line.split()) for line in text.split("\n")]
+        lines = [line for line in lines if line and not self.is_boilerplate(line, anchors)]
+        kinds = [self.line_kind(line) for line in lines]
+        kept = [line for line, kind, next_kind in zip(lines, kinds, kinds[1:] + ["end"])
+                if kind != "short" or next_kind == "paragraph"]
+        return "\n".join(kept)
 
-    def main_text(self, tree: HTMLTree) -> str:
+    def main_text(self, html: str) -> tuple[str, str]:
+        """The article container's text and HTML, or the whole page's when no container holds enough of it."""
+        tree = HTMLTree.parse(html)
         page = extract_plain_text(tree, **self.options)
         for selector in ARTICLE_CONTAINERS:
             nodes = tree.document.query_selector_all(selector)
             if len(nodes) == 0:
                 continue
             container = max(nodes, key=lambda node: len(node.text))
-            text = extract_plain_text(container.html, **self.options)
+            container_html = container.html
+            text = extract_plain_text(container_html, **self.options)
             if len(text) >= max(MIN_CONTAINER_SHARE * len(page), MIN_CONTAINER_CHARS):
-                return text
-        return page
+                return text, container_html
+        return page, html
 
-    def is_main_line(self, line: str) -> bool:
-        if not line or line.count("|") >= _MENU_SEPARATORS or _LEGAL.search(line):
-            return False
+    @staticmethod
+    def is_boilerplate(line: str, anchors: set[str]) -> bool:
+        if line.count("|") >= _MENU_SEPARATORS or _LEGAL.search(line):
+            return True
+        link_chars = sum(len(anchor) for anchor in anchors if anchor in line)
+        return link_chars >= MAX_LINK_SHARE * len(line)
+
+    def line_kind(self, line: str) -> str:
         words = len(line.split()) + len(_CJK.findall(line))
-        return words >= self.min_line_words or line.endswith(_SENTENCE_END)
+        ends_sentence = line.endswith(_SENTENCE_END)
+        if words >= PARAGRAPH_WORDS and ends_sentence:
+            return "paragraph"
+        return "line" if words >= self.min_line_words or ends_sentence else "short"
 
 
 ENGINES = {"trafilatura": TrafilaturaEngine, "resiliparse": ResiliparseEngine, "resiliparse_pruned": PrunedResiliparse}
