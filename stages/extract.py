@@ -70,7 +70,7 @@ _BOILERPLATE_NAMES = ("caption", "newsletter", "related", "breadcrumb", "footer"
 BOILERPLATE_ELEMENTS = ["figcaption", "aside", "form", "nav", "footer"] + [
     f'[{attribute}*="{name}"]:not(body)' for name in _BOILERPLATE_NAMES for attribute in ("class", "id")
 ]
-# A container is the article only if it holds a real share of the page's main text (not a one-line teaser card)
+# A container is the article only if it holds a real share of the page's text (not a teaser card) and some text
 MIN_CONTAINER_SHARE, MIN_CONTAINER_CHARS = 0.1, 200
 # Lines that end a sentence (C4 keeps only such lines; here only short lines must): Latin and CJK punctuation,
 # closing quotes and brackets
@@ -125,17 +125,19 @@ class PrunedResiliparse:
     def main_text(self, html: str) -> tuple[str, str]:
         """The article container's text and HTML, or the whole page's when no container holds enough of it."""
         tree = HTMLTree.parse(html)
-        page = extract_plain_text(tree, **self.options)
+        page_chars = len(tree.body.text) if tree.body is not None else 0
         for selector in ARTICLE_CONTAINERS:
             nodes = tree.document.query_selector_all(selector)
             if len(nodes) == 0:
                 continue
             container = max(nodes, key=lambda node: len(node.text))
+            if len(container.text) < MIN_CONTAINER_SHARE * page_chars:
+                continue
             container_html = container.html
             text = extract_plain_text(container_html, **self.options)
-            if len(text) >= max(MIN_CONTAINER_SHARE * len(page), MIN_CONTAINER_CHARS):
+            if len(text) >= MIN_CONTAINER_CHARS:
                 return text, container_html
-        return page, html
+        return extract_plain_text(tree, **self.options), html
 
     @staticmethod
     def is_boilerplate(line: str, anchors: set[str]) -> bool:
