@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import tarfile
+import time
 
 import pytest
 from datatrove.data import Document
@@ -20,6 +21,7 @@ from stages.extract import (
     ResiliparseEngine,
     TrafilaturaEngine,
     build_engine,
+    link_texts,
 )
 from stages.langid import LangIdConfig, LanguageIdentifier
 from stages.readers import decode_html
@@ -171,3 +173,12 @@ def test_a_hostile_document_costs_only_itself_in_a_batch(crawl_texts):
     kept = list(LanguageIdentifier(LangIdConfig(min_score=0.0, batch_size=8), accounting).run(docs))
     assert [d.id for d in kept] == [str(i) for i in range(10) if i != 4]
     assert accounting.quarantined_records == 1 and "4" in str(accounting.quarantined)
+
+
+def test_link_texts_stay_linear_on_unclosed_links():
+    assert link_texts('<p><a href="/x">Read <b>more</b> &amp; stay</a>, <A HREF=y>Second one</A> <abbr>no</abbr></p>') \
+        == {"Read more & stay", "Second one"}
+    hostile = "<p>" + "<a href=x>word " * 20_000 + "</p>"  # a pattern that rescans per unclosed link takes ~10 s
+    started = time.perf_counter()
+    assert link_texts(hostile) == set()
+    assert time.perf_counter() - started < 1.0
