@@ -14,7 +14,6 @@ recall and speed on trafilatura's annotated evaluation pages.
 from __future__ import annotations
 
 import re
-from html import unescape
 from typing import Literal
 
 from datatrove.data import Document
@@ -81,28 +80,33 @@ _MENU_SEPARATORS = 2
 _LEGAL = re.compile(r"©|\ball rights reserved\b|\bcopyright\b|\bcookies?\b", re.IGNORECASE)
 # A line mostly made of link text is navigation or a teaser (jusText's and trafilatura's link-density test)
 MAX_LINK_SHARE = 0.5
-_MIN_ANCHOR_CHARS = 3  # shorter link texts ("1", "»") would match inside any line
-_LINK_TAG = re.compile(r"<(/?)a\b", re.IGNORECASE)
-_TAG = re.compile(r"<[^<>]*>")
+LINK_START, LINK_END = "\ue000", "\ue001"  # private-use characters: no page text means anything by them
+_LINK_OPEN = re.compile(r"<a\b[^<>]*>", re.IGNORECASE)  # [^<>]: a broken tag ends at the next one, not the page's end
+_LINK_CLOSE = re.compile(r"</a\s*>", re.IGNORECASE)
+_LINK_MARK = re.compile(f"([{LINK_START}{LINK_END}])")
 # A paragraph: a full sentence of at least this many words; a short line right before one is its heading
 PARAGRAPH_WORDS = 10
 
 
-def link_texts(html: str) -> set[str]:
-    """The texts of the page's links, whitespace collapsed. A scan from link tag to link tag: linear in the page
-    however it nests or breaks its tags (a pattern like ``<a[^>]*>(.*?)</a>`` rescans the rest of the page for every
-    unclosed link), and cheaper than walking lexbor's nodes from Python."""
-    texts, opened = set(), None
-    for tag in _LINK_TAG.finditer(html):
-        if not tag.group(1):
-            opened = tag.end()
-        elif opened is not None:
-            inner = html[opened:tag.start()].partition(">")[2]  # past the rest of the opening tag
-            text = " ".join(unescape(_TAG.sub("", inner)).split())
-            if len(text) >= _MIN_ANCHOR_CHARS:
-                texts.add(text)
-            opened = None
-    return texts
+def mark_links(html: str) -> str:
+    """The HTML with every link's text between LINK_START and LINK_END, so each extracted line knows how much of it
+    is link text. A substitution at each link tag: linear in the page however it nests or breaks its tags."""
+    return _LINK_CLOSE.sub(LINK_END + r"\g<0>", _LINK_OPEN.sub(r"\g<0>" + LINK_START, html))
+
+
+def split_links(text: str) -> list[tuple[str, int]]:
+    """Each line of marked text without its marks, with how many of its characters are link text; a link may run
+    over several lines."""
+    lines, in_link = [], False
+    for raw_line in text.split("\n"):
+        link_chars = 0
+        for piece in _LINK_MARK.split(raw_line):
+            if piece in (LINK_START, LINK_END):
+                in_link = piece == LINK_START
+            elif in_link:
+                link_chars += len(piece)
+        lines.append((_LINK_MARK.sub("", raw_line), link_chars))
+    return lines
 
 
 class PrunedResiliparse:
@@ -123,17 +127,15 @@ class PrunedResiliparse:
                         "skip_elements": BOILERPLATE_ELEMENTS}
 
     def extract(self, html: str) -> str:
-        text, scope = self.main_text(html)
-        anchors = link_texts(scope)
-        lines = [" ".join(line.split()) for line in text.split("\n")]
-        lines = [line for line in lines if line and not self.is_boilerplate(line, anchors)]
+        lines = [(" ".join(line.split()), link_chars) for line, link_chars in split_links(self.main_text(mark_links(html)))]
+        lines = [line for line, link_chars in lines if line and not self.is_boilerplate(line, link_chars)]
         kinds = [self.line_kind(line) for line in lines]
         kept = [line for line, kind, next_kind in zip(lines, kinds, kinds[1:] + ["end"])
                 if kind != "short" or next_kind == "paragraph"]
         return "\n".join(kept)
 
-    def main_text(self, html: str) -> tuple[str, str]:
-        """The article container's text and HTML, or the whole page's when no container holds enough of it."""
+    def main_text(self, html: str) -> str:
+        """The article container's text, or the whole page's when no container holds enough of it."""
         tree = HTMLTree.parse(html)
         page_chars = len(tree.body.text) if tree.body is not None else 0
         for selector in ARTICLE_CONTAINERS:
@@ -143,18 +145,15 @@ class PrunedResiliparse:
             container = max(nodes, key=lambda node: len(node.text))
             if len(container.text) < MIN_CONTAINER_SHARE * page_chars:
                 continue
-            container_html = container.html
-            text = extract_plain_text(container_html, **self.options)
+            text = extract_plain_text(container.html, **self.options)
             if len(text) >= MIN_CONTAINER_CHARS:
-                return text, container_html
-        return extract_plain_text(tree, **self.options), html
+                return text
+        return extract_plain_text(tree, **self.options)
 
     @staticmethod
-    def is_boilerplate(line: str, anchors: set[str]) -> bool:
-        if line.count("|") >= _MENU_SEPARATORS or _LEGAL.search(line):
-            return True
-        link_chars = sum(len(anchor) for anchor in anchors if anchor in line)
-        return link_chars >= MAX_LINK_SHARE * len(line)
+    def is_boilerplate(line: str, link_chars: int) -> bool:
+        menu = line.count("|") >= _MENU_SEPARATORS
+        return menu or link_chars >= MAX_LINK_SHARE * len(line) or bool(_LEGAL.search(line))
 
     def line_kind(self, line: str) -> str:
         words = len(line.split()) + len(_CJK.findall(line))
