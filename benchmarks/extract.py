@@ -1,0 +1,147 @@
+"""HTML extraction engines: snippet precision, recall, F1 and pages/s on trafilatura's annotated evaluation pages;
+and fastText language id on batches against one document at a time.
+
+    python benchmarks/extract.py                    # every engine, all 658 pages, one core
+    python benchmarks/extract.py --engines trafilatura resiliparse_pruned --repeat 3
+
+Quality is scored as trafilatura's authors score extractors (tests/comparison.py in adbar/trafilatura): a `with`
+snippet found in the extracted text is a true positive, one missing a false negative; a `without` snippet found
+is a false positive. A page with no text counts all its `with` snippets missed. Pages are decoded as the reader
+decodes a WARC payload without an HTTP header (the page's charset, else UTF-8, else detected); the few that no
+charset decodes are quarantined by the reader, so they count as no text for every engine.
+
+The pages are split once by a hash of the file name: a third is held out (``held-out``), the rest (``dev``) is what
+the ``resiliparse_pruned`` rules were looked at against. Speed is pages/s in this one process (one core), every
+engine on the same decoded strings, the engines taking turns page by page; ratios against trafilatura in the same
+run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO / ".." / "shared" / "data"
+PAGES = DATA / "html/trafilatura-eval-pages.tar.gz"
+ANNOTATIONS = DATA / "html/trafilatura-evaldata.json"
+CRAWL = DATA / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz"
+ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned")
+
+
+def is_held_out(file_name: str) -> bool:
+    return hashlib.sha256(file_name.encode()).digest()[0] % 3 == 0
+
+
+def annotated_pages() -> list[tuple[dict, str]]:
+    """(annotation, decoded HTML or "" when no charset decodes it), in the annotation file's order."""
+    from stages.readers import decode_html
+
+    annotations = json.loads(ANNOTATIONS.read_text())
+    by_path = {entry["path"]: entry for entry in annotations.values()}
+    decoded: dict[str, str] = {}
+    with tarfile.open(PAGES, "r:gz") as archive:
+        for member in archive:
+            if member.name in by_path:
+                payload = archive.extractfile(member).read()
+                try:
+                    decoded[member.name] = decode_html(payload, "")
+                except UnicodeDecodeError:
+                    decoded[member.name] = ""
+    return [(entry, decoded[entry["path"]]) for entry in annotations.values()]
+
+
+def snippet_counts(annotation: dict, text: str | None) -> tuple[int, int, int]:
+    """(true positives, false negatives, false positives) of one page's extracted text."""
+    text = text or ""
+    found = sum(snippet in text for snippet in annotation["with"])
+    return found, len(annotation["with"]) - found, sum(snippet in text for snippet in annotation["without"])
+
+
+def scores(counts: list[tuple[int, int, int]]) -> dict[str, float]:
+    tp, fn, fp = (sum(column) for column in zip(*counts))
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12)}
+
+
+def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) -> dict[str, tuple[list, float]]:
+    """Every engine's text of every page and its pages/s. The engines take turns page by page, so a change in the
+    load of a shared machine falls on all of them alike; the fastest of ``repeat`` passes over a page counts."""
+    from stages.extract import ExtractConfig, build_engine
+
+    engines = {name: build_engine(ExtractConfig(engine=name)) for name in names}
+    texts: dict[str, list[str | None]] = {name: [] for name in names}
+    seconds = dict.fromkeys(names, 0.0)
+    for _, html in pages:
+        for name, engine in engines.items():
+            fastest = float("inf")
+            for _ in range(repeat):
+                started = time.perf_counter()
+                text = engine.extract(html) if html else None
+                fastest = min(fastest, time.perf_counter() - started)
+            texts[name].append(text)
+            seconds[name] += fastest
+    return {name: (texts[name], len(pages) / seconds[name]) for name in names}
+
+
+def langid_speed(repeat: int) -> None:
+    from stages.langid import LangIdConfig, LanguageIdentifier
+
+    with gzip.open(CRAWL, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    identifier = LanguageIdentifier(LangIdConfig(model_path=str(DATA / "models/lid.176.ftz")))
+    size = identifier.batch_size
+    one = batched = 0.0
+    singles, batches = [], []
+    for start in range(0, len(texts), size):  # the two take turns batch by batch, as the engines do page by page
+        chunk = texts[start:start + size]
+        fastest_one = fastest_batch = float("inf")
+        for _ in range(repeat):
+            started = time.perf_counter()
+            answers = [identifier.identify(text) for text in chunk]
+            fastest_one = min(fastest_one, time.perf_counter() - started)
+            started = time.perf_counter()
+            batch_answers = identifier.identify_batch(chunk)
+            fastest_batch = min(fastest_batch, time.perf_counter() - started)
+        singles += answers
+        batches += batch_answers
+        one, batched = one + fastest_one, batched + fastest_batch
+    print(f"\nlanguage id, {len(texts)} real CC documents ({sum(map(len, texts)) / len(texts):.0f} chars on average):")
+    print(f"  one at a time   : {len(texts) / one:8.0f} docs/s")
+    print(f"  batches of {size:<4} : {len(texts) / batched:8.0f} docs/s = {one / batched:.2f}x; identical answers: "
+          f"{singles == batches}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each engine on each page; the fastest counts")
+    args = parser.parse_args()
+
+    pages = annotated_pages()
+    held_out = [is_held_out(entry["file"]) for entry, _ in pages]
+    undecodable = sum(not html for _, html in pages)
+    print(f"{len(pages)} annotated pages ({sum(held_out)} held out, {undecodable} undecodable -> no text), 1 core")
+    print(f"{'engine':<20} {'split':<9} {'precision':>9} {'recall':>7} {'F1':>6} {'pages/s':>8} {'speed':>7}")
+    results = run_engines(args.engines, pages, args.repeat)
+    base = results["trafilatura"][1] if "trafilatura" in results else None
+    for engine, (texts, speed) in results.items():
+        counts = [snippet_counts(entry, text) for (entry, _), text in zip(pages, texts)]
+        ratio = f"{speed / base:6.1f}x" if base else "      -"
+        for split, chosen in (("all", counts), ("dev", [c for c, h in zip(counts, held_out) if not h]),
+                              ("held-out", [c for c, h in zip(counts, held_out) if h])):
+            score = scores(chosen)
+            shown = f"{speed:8.1f} {ratio}" if split == "all" else ""
+            print(f"{engine:<20} {split:<9} {score['precision']:9.3f} {score['recall']:7.3f} {score['f1']:6.3f} {shown}")
+    langid_speed(max(args.repeat, 3))
+
+
+if __name__ == "__main__":
+    main()
