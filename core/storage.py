@@ -143,21 +143,30 @@ def mirrored(root: str | os.PathLike, only: list[str] | None = None) -> Iterator
         return
     local = mirror_dir(where)
     local.mkdir(parents=True, exist_ok=True)
-    for prefix in only if only is not None else [""]:
+    prefixes = only if only is not None else [""]
+    stored = set()
+    for prefix in prefixes:
         base = where / prefix if prefix else where
         for remote in (base.rglob("*") if base.is_dir() else []):
-            target = local / remote.relative_to(where).as_posix()
-            if remote.is_file() and not (target.is_file() and target.stat().st_size == remote.stat().st_size):
+            if not remote.is_file():
+                continue
+            name = remote.relative_to(where).as_posix()
+            stored.add(name)
+            target = local / name
+            if not (target.is_file() and target.stat().st_size == remote.stat().st_size):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
                 where.fs.get_file(remote.path, str(partial))
                 os.replace(partial, target)
-    before = _files(local)
+    # what the store has already; anything else under the prefixes (new, changed, or left locally by an earlier
+    # run whose upload never happened) goes up when the block ends
+    synced = {name: stamp for name, stamp in _files(local).items() if name in stored}
     try:
         yield local
     finally:
         for name, stamp in sorted(_files(local).items()):
-            if before.get(name) != stamp:
+            inside_prefixes = any(not p or name == p or name.startswith(p.rstrip("/") + "/") for p in prefixes)
+            if inside_prefixes and synced.get(name) != stamp:
                 where.fs.put_file(str(local / name), (where / name).path)
 
 

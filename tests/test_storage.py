@@ -207,6 +207,7 @@ def test_verification_works_in_a_bucket_and_resumes_on_a_fresh_node(s3_env, shar
     })
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    shutil.rmtree(mirror_dir(work), ignore_errors=True)  # no local copy left by an earlier run on this machine
     first = verify(config)
     assert first.stage1.trained
     assert str(first.report_path).startswith(work + "/reports/") and first.report_path.is_file()
