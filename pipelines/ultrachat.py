@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -38,7 +38,8 @@ from core.code_version import code_version
 from core.config import ConfigError
 from core.io import atomic_path, canonical_json, sha256_file
 from core.manifest import build_manifest, dataset_card, finish_version
-from core.runtime import ensure_ray, gather
+from core.runtime import ensure_ray, gather, require_reachable
+from core.storage import AnyPath, location, read_parquet, remove_tree, resolve_root
 from core.versions import (
     WORK_DIR,
     compute_version_id,
@@ -82,7 +83,7 @@ SYNTHESIS_CODE = ("sft_synth", "stages", "model", "pipelines.ultrachat")
 
 @dataclass
 class UltraChatResult:
-    version_path: Path
+    version_path: AnyPath
     manifest: dict
     reused: bool
     seconds: float
@@ -211,7 +212,7 @@ def plan_chunks(config: UltraChatConfig, seeds: dict[str, list[Seed]], parts_dir
 
 def generate_parts(config: UltraChatConfig, chunks: list[dict], models: dict) -> int:
     """Generate the chunks that have no part yet on a pool of actors; returns how many were generated."""
-    todo = [chunk for chunk in chunks if not Path(chunk["part_path"]).is_file()]
+    todo = [chunk for chunk in chunks if not location(chunk["part_path"]).is_file()]
     if not todo:
         return 0
     options = {"num_cpus": config.ray.cpus_per_actor, "num_gpus": config.ray.gpus_per_actor,
@@ -237,7 +238,7 @@ def filter_part(part_path: str, config_data: dict, index: BenchmarkIndex | None)
     """Phase 2 for one part: the per-dialogue filters; kept rows come back with their dedup keys, and the task
     checks of every generated dialogue with them."""
     config = UltraChatConfig.model_validate(config_data)
-    records = pq.read_table(part_path).to_pylist()
+    records = read_parquet(part_path).to_pylist()
     checks = part_checks(records, config.filters)
     accounting = Accounting(records_in=len(records))
     docs = (as_document(record) for record in records)
@@ -257,7 +258,7 @@ def filter_part(part_path: str, config_data: dict, index: BenchmarkIndex | None)
 def content_config(config: UltraChatConfig) -> dict:
     """The config as it shapes the dataset: no cluster, no output location, models by id (in the generation id)
     rather than by where they happen to be stored."""
-    return config.model_dump(mode="json", exclude={"ray": True, "output": {"root", "keep_work"},
+    return config.model_dump(mode="json", exclude={"ray": True, "output": {"root", "keep_work", "shared_filesystem"},
                                                    "models": {"target", "draft", "tokenizer"}})
 
 
@@ -316,7 +317,7 @@ def filter_parts(config: UltraChatConfig, chunks: list[dict], index: BenchmarkIn
     config_data = config.model_dump(mode="json")
     index_ref = ray.put(index)
     results = gather([filter_part.remote(chunk["part_path"], config_data, index_ref) for chunk in chunks],
-                     "ultrachat: filter", labels=[Path(chunk["part_path"]).name for chunk in chunks])
+                     "ultrachat: filter", labels=[location(chunk["part_path"]).name for chunk in chunks])
     accounting: dict[str, Accounting] = {}
     checks: dict[str, GenerationChecks] = {}
     for chunk, result in zip(chunks, results):  # a part holds one family
@@ -361,9 +362,12 @@ def remove_duplicates(config: UltraChatConfig, kept: list[dict]) -> tuple[list[d
     return [row for row in kept if row["order"] not in removed], accounting
 
 
-def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | None = None) -> UltraChatResult:
+def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: str | os.PathLike | None = None
+                  ) -> UltraChatResult:
+    """Synthesise the configured dialogues into a dataset version under the output root (a local path or an fsspec
+    URL), or reuse the finished one with the same id."""
     started = time.perf_counter()
-    root = Path(output_root or config.output.root).resolve()
+    root = resolve_root(output_root or config.output.root)
     plan = plan_synthesis(config, base_dir)
     with version_lock(root, plan.version_id):
         manifest = published_manifest(root, plan.version_id)
@@ -373,10 +377,10 @@ def run_ultrachat(config: UltraChatConfig, base_dir: Path, output_root: Path | N
     return UltraChatResult(final, manifest, False, time.perf_counter() - started, generated)
 
 
-def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path) -> tuple[Path, dict, int]:
+def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: AnyPath) -> tuple[AnyPath, dict, int]:
     ensure_ray(config.ray.address, config.ray.num_cpus)
+    require_reachable([root], config.output.shared_filesystem)
     work = root / WORK_DIR / plan.generation_id
-    (work / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     chunks = plan_chunks(config, plan.seeds, work / PARTS_DIR)
     generated = generate_parts(config, chunks, plan.models)
     filtered = filter_parts(config, chunks, plan.index)
@@ -407,7 +411,7 @@ def _synthesize_version(config: UltraChatConfig, plan: SynthesisPlan, root: Path
         manifest, description=CARD_DESCRIPTION, rows_label="dialogues", inputs_label="seeds",
         loading=CARD_LOADING, sections=(*card_sections(manifest), quality_section(quality))))
     if not config.output.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
     return final, manifest, generated
 
 
@@ -430,7 +434,7 @@ def _run(argv: list[str]) -> int:
     parser.add_argument("--output", help="dataset root, overriding output.root")
     args = parser.parse_args(argv)
     config, base_dir = load_config(args.config)
-    result = run_ultrachat(config, base_dir, Path(args.output) if args.output else None)
+    result = run_ultrachat(config, base_dir, args.output)
     if result.reused:
         print(f"version {result.version_path.name} already complete at {result.version_path}: nothing to do")
     else:

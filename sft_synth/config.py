@@ -165,6 +165,10 @@ class OutputConfig(Strict):
     rows_per_shard: PositiveInt = 10_000
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     keep_work: bool = Field(False, description="keep the generated parts after publishing")
+    shared_filesystem: bool = Field(
+        False, description="a local root is on a filesystem every node mounts; without it a job on more than one "
+        "node refuses a local root"
+    )
 
 
 class RayConfig(Strict):

@@ -9,13 +9,13 @@ scheme (``core.versions``, ``core.manifest``): manifest with shards, accounting 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from core.io import atomic_path, atomic_write_text, sha256_file
+from core.storage import AnyPath
 from core.versions import SHARD_DIR
 from sft_synth.chat_format import CHATML, render_prompt
 from sft_synth.generation.chat_template import ChatTemplate
@@ -73,13 +73,12 @@ def render_row(row: dict, template: ChatTemplate = CHATML) -> str:
     return render_prompt(row["messages"], row_tools(row), add_generation_prompt=False, template=template)
 
 
-def write_shard(rows: list[dict], directory: Path, number: int, compression: str | None,
+def write_shard(rows: list[dict], directory: AnyPath, number: int, compression: str | None,
                 tokenizer: Tokenizer | None, template: ChatTemplate = CHATML) -> dict:
     """One Parquet shard and its JSONL twin, written atomically; returns the manifest entry."""
     name = f"shard-{number:05d}"
     parquet_path = directory / SHARD_DIR / f"{name}.parquet"
     jsonl_path = directory / JSONL_DIR / f"{name}.jsonl"
-    parquet_path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{**row, "messages": arrow_messages(row["messages"])} for row in rows],
                                  schema=SHARD_SCHEMA)
     with atomic_path(parquet_path) as tmp:

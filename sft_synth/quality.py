@@ -27,6 +27,7 @@ from core.accounting import Accounting
 from core.figures import save_figure
 from core.io import atomic_write_text, canonical_json
 from core.manifest import stage_table
+from core.storage import AnyPath
 from sft_synth.config import FiltersConfig
 from sft_synth.constraints import violated
 from sft_synth.filters import answer_problem, grounding, tool_call_problem
@@ -231,7 +232,7 @@ def plot_quality(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_quality(report: dict, directory: Path) -> list[Path]:
+def write_quality(report: dict, directory: AnyPath) -> list[AnyPath]:
     atomic_write_text(directory / QUALITY_JSON, canonical_json(report))
     plot_quality(report, directory / QUALITY_PNG)
     return [directory / QUALITY_JSON, directory / QUALITY_PNG]

@@ -33,3 +33,41 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     return ray
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A real S3 API on localhost (moto's threaded server) with the bucket ``crawl-bucket``, and the standard
+    variables pointing at it (``AWS_ENDPOINT_URL``, keys, region), set before any Ray process of the module starts:
+    workers inherit them. A Ray started earlier is shut down first (its workers would know no endpoint), and the
+    module's own at the end."""
+    import logging
+    import socket
+
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from core.storage import location
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per HTTP request otherwise
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test-key",
+           "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    ray.shutdown()
+    try:
+        location("s3://crawl-bucket").fs.mkdir("crawl-bucket")
+        yield env
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

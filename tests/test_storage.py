@@ -9,7 +9,6 @@ raylet process, with a custom resource that lets each node run one ingest task a
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import socket
@@ -38,7 +37,7 @@ from stages.classifier import ClassifierConfig, train_classifier
 from verification.config import parse_verification_config
 
 REPO = Path(__file__).resolve().parents[1]
-BUCKET = "crawl-bucket"
+BUCKET = "crawl-bucket"  # made by the s3_env fixture (conftest.py)
 INPUT_NAMES = ["CC-MAIN-2020-34-excerpt.warc.gz", "CC-MAIN-2024-22-sample.warc.gz", "CC-MAIN-2024-22-sample.warc.wet.gz"]
 
 
@@ -46,34 +45,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    """A local S3 server and the standard variables pointing at it, set before any Ray process of this module starts
-    (workers inherit them); the module's own Ray instances are shut down at the end."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per HTTP request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test-key",
-           "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    ray.shutdown()  # a Ray started before these variables existed would give its workers no endpoint
-    try:
-        location(f"s3://{BUCKET}").fs.mkdir(BUCKET)
-        yield env
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 @pytest.fixture(scope="module")
