@@ -177,7 +177,7 @@ def frames(raw: BinaryIO) -> Iterator[Frame | Damage]:
                 if frame.malformed is not None:
                     yield Damage(start, cursor.offset, frame.malformed, frame.head, unit)
                 continue
-            frame = Damage(start, 0, frame.error, frame.head)
+            frame = Damage(start, 0, frame.error, _inflated_head(cursor, start) if compressed else frame.head)
         frame.unit = unit
         frame.end = _next_gzip_member(cursor, start + 1) if compressed else _next_warc_line(cursor, start + 1)
         yield frame
@@ -199,6 +199,22 @@ def _plain_record(cursor: _Cursor) -> Frame | Damage:
     if length is None:
         return Damage(cursor.offset, 0, "malformed WARC record: no Content-Length header", head)
     return _PlainRecord(cursor, end + 4, int(length.group(1)))
+
+
+def _inflated_head(cursor: _Cursor, start: int) -> bytes:
+    """What inflates of a damaged member's start, fed to zlib in small steps: a call that fails returns nothing, so
+    the header before the damage is only seen this way."""
+    cursor.seek(start)
+    cursor.fill()
+    inflate, head, data = zlib.decompressobj(31), b"", bytes(cursor.buffer)
+    for step in range(0, len(data), 256):
+        try:
+            head += inflate.decompress(data[step:step + 256])
+        except zlib.error:
+            break
+        if len(head) >= HEAD_BYTES or inflate.eof:
+            break
+    return head[:HEAD_BYTES]
 
 
 def _next_gzip_member(cursor: _Cursor, offset: int) -> int:
