@@ -1,7 +1,7 @@
 """Ingest on WARC input: our Ray pipeline vs the same steps as a datatrove pipeline, 1 -> 2 Ray workers, and how
 cost grows with the input.
 
-    python benchmarks/ingest.py [--extractor all|NAME] [--scales 1,4,16] [--work-dir DIR]
+    python benchmarks/ingest.py [--extractor all|NAME] [--scales 1,4,16] [--scaling-only] [--work-dir DIR]
 
 Input (built in a temp dir): real pages as WARC response records, one gzip member each (as Common Crawl writes):
 the HTML responses of ../shared/data/crawl (CC-MAIN-2020-34 excerpt, CC-MAIN-2024-22 sample) and the 658
@@ -16,8 +16,9 @@ unit of ``--scales`` (5,000 at 1x), in files of ``--per-file`` responses.
    per extraction engine that ``stages.extract`` offers; ours also computes MinHash signatures, deduplicates across
    the run and writes a versioned dataset with checksums, work the datatrove baseline does not do. Both sides are
    timed after a warm-up on a small input (model loads, worker start-up).
-3. 1 -> 2 Ray workers with the default engine, and a scaling table (time per document, peak RSS per task) at each
-   of ``--scales`` (2 Ray workers).
+   Then 1 -> 2 Ray workers with the default engine.
+3. A scaling table with the default engine on 2 Ray workers: time per document and peak RSS per task (each task
+   resets the worker's high-water mark) at each of ``--scales``.
 """
 
 from __future__ import annotations
@@ -219,6 +220,57 @@ def run_datatrove(inputs: Path, warmup: Path, out: Path) -> float:
     return elapsed
 
 
+def compare(files: list[Path], documents: int, warmup: Path, work: Path, default_engine: str, engines: list[str],
+            with_speedup: bool) -> tuple[float, list[int]] | None:
+    """Sections 1 and 2; returns the 2-worker run at 1x when it timed one (the scaling table's first row)."""
+    inputs = files[0].parent
+    print("\n1. reading alone (payload bytes of every response)")
+    for name, rate in reading_rates(files, documents).items():
+        print(f"   {name:<44}{rate:>9.0f} responses/s")
+
+    print("\n2. end to end, 1 core each")
+    datatrove_s = run_datatrove(inputs, warmup, work / "datatrove")
+    ours = {engine: run_ours(inputs, warmup, work / f"ours-{engine}", 1, engine)[0] for engine in engines}
+    print(f"   {'pipeline':<44}{'wall s':>9}{'docs/s/core':>13}{'vs datatrove':>14}")
+    print(f"   {'datatrove, trafilatura':<44}{datatrove_s:>9.1f}{documents / datatrove_s:>13.1f}{1:>13.2f}x")
+    for engine, seconds in ours.items():
+        label = f"ours, {engine}" + (" (default)" if engine == default_engine else "")
+        print(f"   {label:<44}{seconds:>9.1f}{documents / seconds:>13.1f}{datatrove_s / seconds:>13.2f}x")
+    if "trafilatura" in ours:
+        print(f"   same steps (trafilatura on both): {datatrove_s / ours['trafilatura']:.2f}x  (target >= 1.1x)")
+    if default_engine in ours:
+        print(f"   our default path ({default_engine}) vs datatrove: {datatrove_s / ours[default_engine]:.2f}x  "
+              "(target >= 5x)")
+    if not with_speedup:
+        return None
+    one = ours.get(default_engine) or run_ours(inputs, warmup, work / "one", 1, default_engine)[0]
+    two = run_ours(inputs, warmup, work / "two", 2, default_engine)
+    print(f"   speed-up 1 -> 2 Ray workers ({default_engine}): {one / two[0]:.2f}x  (target >= 1.7x; the 2 cores "
+          "are shared with other work)")
+    return two
+
+
+def scaling(pages, inputs: Path, documents: int, warmup: Path, work: Path, engine: str, scales: list[int],
+            per_file: int, at_1x: tuple[float, list[int]] | None) -> None:
+    """Time per document and peak RSS per task (2 Ray workers) at each input size."""
+    rows = []
+    for scale in scales:
+        scaled = inputs if scale == 1 else work / f"scale-{scale}"
+        count = documents if scale == 1 else write_warcs(scaled, pages, RESPONSES_PER_SCALE * scale, per_file)
+        if scale == 1 and at_1x is not None:
+            seconds, peaks = at_1x
+        else:
+            seconds, peaks = run_ours(scaled, warmup, work / f"scale-run-{scale}", 2, engine)
+        rows.append((scale, count, seconds, peaks))
+        if scaled != inputs:
+            shutil.rmtree(scaled, ignore_errors=True)
+    print(f"\n3. how cost grows ({engine}, 2 Ray workers)")
+    print(f"   {'input':<8}{'responses':>10}{'tasks':>7}{'wall s':>9}{'ms/doc/core':>13}{'RSS peak/task MiB':>19}")
+    for scale, count, seconds, peaks in rows:
+        print(f"   {f'{scale}x':<8}{count:>10}{len(peaks):>7}{seconds:>9.1f}{2000 * seconds / count:>13.2f}"
+              f"{f'{min(peaks)}-{max(peaks)}':>19}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _, engines, default_engine = extraction_engines()
@@ -226,6 +278,7 @@ def main() -> None:
                         help="the engine(s) of ours to time against datatrove (default: every one)")
     parser.add_argument("--scales", default="1", help="comma-separated input sizes, in units of 5,000 responses")
     parser.add_argument("--per-file", type=int, default=500, help="responses per WARC file (one Ray task each)")
+    parser.add_argument("--scaling-only", action="store_true", help="only the scaling table (sections 1-2 skipped)")
     parser.add_argument("--work-dir", help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
@@ -238,43 +291,11 @@ def main() -> None:
     files = sorted(inputs.glob("*.warc.gz"))
     print(f"{documents} WARC responses ({len(pages)} real pages, replicated) in {len(files)} files")
 
-    print("\n1. reading alone (payload bytes of every response)")
-    for name, rate in reading_rates(files, documents).items():
-        print(f"   {name:<44}{rate:>9.0f} responses/s")
-
-    print("\n2. end to end, 1 core each")
-    datatrove_s = run_datatrove(inputs, warmup, work / "datatrove")
-    timed = engines if args.extractor == "all" else [args.extractor]
-    ours = {engine: run_ours(inputs, warmup, work / f"ours-{engine}", 1, engine) for engine in timed}
-    print(f"   {'pipeline':<44}{'wall s':>9}{'docs/s/core':>13}{'vs datatrove':>14}")
-    print(f"   {'datatrove, trafilatura':<44}{datatrove_s:>9.1f}{documents / datatrove_s:>13.1f}{1:>13.2f}x")
-    for engine, (seconds, _) in ours.items():
-        label = f"ours, {engine}" + (" (default)" if engine == default_engine else "")
-        print(f"   {label:<44}{seconds:>9.1f}{documents / seconds:>13.1f}{datatrove_s / seconds:>13.2f}x")
-    if "trafilatura" in ours:
-        print(f"   same steps (trafilatura on both): {datatrove_s / ours['trafilatura'][0]:.2f}x  (target >= 1.1x)")
-    if default_engine in ours:
-        print(f"   our default path ({default_engine}) vs datatrove: {datatrove_s / ours[default_engine][0]:.2f}x  "
-              "(target >= 5x)")
-
-    print(f"\n3. 1 -> 2 Ray workers and how cost grows ({default_engine})")
-    one = ours[default_engine][0] if default_engine in ours else run_ours(inputs, warmup, work / "one", 1,
-                                                                          default_engine)[0]
-    rows = []
-    for scale in scales:
-        scaled = inputs if scale == 1 else work / f"scale-{scale}"
-        count = documents if scale == 1 else write_warcs(scaled, pages, RESPONSES_PER_SCALE * scale, args.per_file)
-        seconds, peaks = run_ours(scaled, warmup, work / f"ours2-{scale}", 2, default_engine)
-        rows.append((scale, count, seconds, peaks))
-        if scale == 1:
-            print(f"   speed-up 1 -> 2 Ray workers: {one / seconds:.2f}x  (target >= 1.7x; 2 cores shared with "
-                  "other work)")
-        if scaled != inputs:
-            shutil.rmtree(scaled, ignore_errors=True)
-    print(f"   {'input':<8}{'responses':>10}{'tasks':>7}{'wall s':>9}{'ms/doc/core':>13}{'RSS peak/task MiB':>19}")
-    for scale, count, seconds, peaks in rows:
-        print(f"   {f'{scale}x':<8}{count:>10}{len(peaks):>7}{seconds:>9.1f}{2000 * seconds / count:>13.2f}"
-              f"{f'{min(peaks)}-{max(peaks)}':>19}")
+    at_1x = None
+    if not args.scaling_only:
+        at_1x = compare(files, documents, warmup, work, default_engine,
+                        engines if args.extractor == "all" else [args.extractor], 1 in scales)
+    scaling(pages, inputs, documents, warmup, work, default_engine, scales, args.per_file, at_1x)
     shutil.rmtree(work, ignore_errors=True)
 
 

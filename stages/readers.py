@@ -1,8 +1,9 @@
 """Readers: stream WARC, WET, JSONL(.gz) and Parquet inputs into documents, one record at a time.
 
 A reader counts every record it meets (``records_in``). A record it cannot turn into a document is quarantined
-with the error; a stream that breaks part-way (truncated gzip, a WARC header that does not parse) ends that input
-with a file-level quarantine entry, and the records read before the break stay in the run.
+with the error. In a WARC or WET file a damaged gzip member or malformed record costs only itself: it is quarantined
+with its byte span and reading goes on at the next one (``stages.warc``). In a JSONL file a stream that breaks
+part-way (a truncated gzip) ends that input with a file-level entry; the records read before the break stay in the run.
 """
 
 from __future__ import annotations
@@ -156,8 +157,10 @@ class InputReader(Stage):
                         elif record.record_type == wanted:
                             self.accounting.records_in += 1
                             unsettled = True
-                            pending += filter(None, [self._warc_document(record, locator)])
+                            doc = self._warc_document(record, locator)
                             unsettled = False
+                            if doc is not None:
+                                pending.append(doc)
                 except OSError as error:  # FastWARC: the bytes are whole but are not a WARC record
                     frame.malformed = f"malformed WARC record: {error}"
                 except FRAME_ERRORS:

@@ -45,9 +45,12 @@ class _Cursor:
 
     def take(self, count: int) -> bytes:
         taken = bytes(self.buffer[:count])
+        self.skip(count)
+        return taken
+
+    def skip(self, count: int) -> None:
         del self.buffer[:count]
         self.offset += count
-        return taken
 
     def seek(self, offset: int) -> None:
         self.raw.seek(offset)
@@ -84,7 +87,7 @@ class Frame:
         self.malformed: str | None = None  # the bytes are whole but do not parse as records: set by the caller
 
     def read(self, size: int = CHUNK) -> bytes:
-        size = CHUNK if size is None or size < 0 else size  # never the whole frame at once
+        size = CHUNK if size is None or size < 0 else min(size, CHUNK)  # never much of the frame at once
         try:
             while not self.finished and len(self.output) < size:
                 self._advance()
@@ -131,7 +134,7 @@ class _GzipMember(Frame):
         self.finished = self.inflate.eof
         # at the member's end the input left over is in unused_data (zlib may leave a stale unconsumed_tail too)
         left = self.inflate.unused_data if self.finished else self.inflate.unconsumed_tail
-        self.cursor.take(len(data) - len(left))
+        self.cursor.skip(len(data) - len(left))
 
 
 class _PlainRecord(Frame):
@@ -155,7 +158,7 @@ class _PlainRecord(Frame):
         self.finished = True
         if self.cursor.buffer[:4] != b"\r\n\r\n":
             raise ValueError("the record does not end where its Content-Length says")
-        self.cursor.take(4)
+        self.cursor.skip(4)
 
 
 def frames(raw: BinaryIO) -> Iterator[Frame | Damage]:
@@ -226,12 +229,12 @@ def _next_gzip_member(cursor: _Cursor, offset: int) -> int:
     while True:
         found = cursor.buffer.find(GZIP_MAGIC)
         if found < 0:
-            cursor.take(max(len(cursor.buffer) - len(GZIP_MAGIC) + 1, 0))
+            cursor.skip(max(len(cursor.buffer) - len(GZIP_MAGIC) + 1, 0))
             if not cursor.fill():
-                cursor.take(len(cursor.buffer))
+                cursor.skip(len(cursor.buffer))
                 return cursor.offset
             continue
-        cursor.take(found)
+        cursor.skip(found)
         while len(cursor.buffer) < CHUNK and cursor.fill():
             pass
         try:
@@ -239,7 +242,7 @@ def _next_gzip_member(cursor: _Cursor, offset: int) -> int:
                 return cursor.offset
         except zlib.error:
             pass
-        cursor.take(1)
+        cursor.skip(1)
 
 
 def _next_warc_line(cursor: _Cursor, offset: int) -> int:
@@ -251,9 +254,9 @@ def _next_warc_line(cursor: _Cursor, offset: int) -> int:
             pass
         found = re.search(rb"\n(?=WARC/1\.[01]\r?\n)", cursor.buffer)
         if found:
-            cursor.take(found.end())
+            cursor.skip(found.end())
             return cursor.offset
         if len(cursor.buffer) <= 16:
-            cursor.take(len(cursor.buffer))
+            cursor.skip(len(cursor.buffer))
             return cursor.offset
-        cursor.take(len(cursor.buffer) - 16)
+        cursor.skip(len(cursor.buffer) - 16)
