@@ -175,9 +175,9 @@ def frames(raw: BinaryIO) -> Iterator[Frame | Damage]:
             yield frame
             if frame.error is None:
                 try:
-                    frame.drain()
+                    frame.drain()  # to its end, which checks the gzip CRC and length, or the record's trailer
                 except FRAME_ERRORS:
-                    pass
+                    pass  # kept in frame.error
             if frame.error is None:
                 if frame.malformed is not None:
                     yield Damage(start, cursor.offset, frame.malformed, frame.head, unit)
