@@ -70,3 +70,28 @@ def gather(refs: list[ray.ObjectRef], desc: str, *, labels: list[str] | None = N
         details = "\n".join(f"  {names[i]}: {type(e).__name__}: {str(e)[:2000]}" for i, e in failed)
         raise TasksFailed(f"{desc}: {len(failed)} of {len(refs)} task(s) failed:\n{details}")
     return results
+
+
+_PROC_STATUS, _PROC_CLEAR_REFS = "/proc/self/status", "/proc/self/clear_refs"
+
+
+def reset_peak_rss() -> None:
+    """Start a task's peak-memory measure: Linux resets the process's RSS high-water mark on ``5`` written to
+    clear_refs (a Ray worker runs many tasks; without the reset its peak would be the peak of all of them)."""
+    try:
+        with open(_PROC_CLEAR_REFS, "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the worker's life so far
+
+
+def peak_rss_mb() -> int | None:
+    """The process's RSS high-water mark in MiB (since ``reset_peak_rss``), or None where /proc does not say."""
+    try:
+        with open(_PROC_STATUS) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None

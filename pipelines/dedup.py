@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import ray
 
 from core.io import atomic_path
-from core.runtime import gather
+from core.runtime import gather, peak_rss_mb, reset_peak_rss
 from core.storage import AnyPath, location, parquet_rows, read_parquet
 from stages.dedup import (
     EDGES_SCHEMA,
@@ -54,17 +53,8 @@ class DedupResult:
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory (bytes) since the last ``reset_peak_rss``."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-
-
-def reset_peak_rss() -> None:
-    """Start measuring this task's own peak: Ray reuses worker processes, whose peak would carry over."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    """This process's peak resident memory in bytes since the last ``reset_peak_rss`` (0 where /proc does not say)."""
+    return (peak_rss_mb() or 0) << 20
 
 
 def _write(frame: pl.DataFrame, path: AnyPath) -> None:

@@ -27,7 +27,7 @@ from core.code_version import code_version
 from core.config import ConfigError
 from core.io import atomic_path, atomic_write_text, sha256_file
 from core.manifest import QUARANTINE_NAME, build_manifest, dataset_card, describe_shard, finish_version
-from core.runtime import ensure_ray, gather, require_reachable
+from core.runtime import ensure_ray, gather, peak_rss_mb, require_reachable, reset_peak_rss
 from core.storage import (
     AnyPath,
     glob_files,
@@ -188,6 +188,7 @@ def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dic
     config = UltraCleanConfig.model_validate(config_data)
     accounting = Accounting()
     started = time.perf_counter()
+    reset_peak_rss()
     kept = 0
     # Bad input is quarantined by the stages themselves; any exception that reaches here is a failure of ours (a
     # bug, no memory, no disk): it fails the task, and the run, without a part or a resume record for this input.
@@ -201,7 +202,7 @@ def process_input(item: ResolvedInput, config_data: dict, part_path: str) -> dic
         writer.write_table(pa.Table.from_pylist(batch, schema=PART_SCHEMA))
         kept += len(batch)
     accounting.seconds["total"] = time.perf_counter() - started
-    result = {"input": asdict(item), "kept": kept, "accounting": accounting.as_dict(),
+    result = {"input": asdict(item), "kept": kept, "accounting": accounting.as_dict(), "peak_rss_mb": peak_rss_mb(),
               "node": ray.get_runtime_context().get_node_id()}
     atomic_write_text(stats_path, json.dumps(result, sort_keys=True))
     return result

@@ -1,37 +1,36 @@
 """Readers: stream WARC, WET, JSONL(.gz) and Parquet inputs into documents, one record at a time.
 
 A reader counts every record it meets (``records_in``). A record it cannot turn into a document is quarantined
-with the error; a stream that breaks part-way (truncated gzip, a WARC header that does not parse) ends that input
-with a file-level quarantine entry, and the records read before the break stay in the run.
+with the error. In a WARC or WET file a damaged gzip member or malformed record costs only itself: it is quarantined
+with its byte span and reading goes on at the next one (``stages.warc``). In a JSONL file a stream that breaks
+part-way (a truncated gzip) ends that input with a file-level entry; the records read before the break stay in the run.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.data import Document
+from fastwarc.warc import ArchiveIterator, WarcRecordType
 from pydantic import Field, PositiveInt
 from resiliparse.parse.encoding import detect_encoding
-from warcio.archiveiterator import ArchiveIterator
-from warcio.exceptions import ArchiveLoadFailed
 
 from core.config import Strict
 from core.storage import open_input
 from stages.base import Stage
+from stages.warc import CHUNK, FRAME_ERRORS, Damage, frames
 
 InputFormat = Literal["warc", "wet", "jsonl", "parquet"]
 _CHARSET = re.compile(rb"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", re.IGNORECASE)
-_WARC_TYPES = {"warcinfo", "request", "response", "metadata", "resource", "revisit", "conversion", "continuation"}
-_STREAM_ERRORS = (ArchiveLoadFailed, EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError)
+_STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError)
 
 
 class ReadConfig(Strict):
@@ -63,11 +62,23 @@ def detect_format(path: Path) -> InputFormat:
     raise ValueError(f"{path.name}: cannot tell the input format from the name; set format: warc|wet|jsonl|parquet")
 
 
-def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
+def _open_maybe_gzip(path: Path) -> BinaryIO:
     raw = open_input(path)
-    if raw.peek(2)[:2] == b"\x1f\x8b":
+    if raw.read(2) == b"\x1f\x8b":
+        raw.seek(0)
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    raw.seek(0)
     return raw
+
+
+def _read_capped(stream, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of a payload, read in bounded pieces: one byte more than the cap tells a payload
+    that is too big, and what is beyond it is never read into memory."""
+    pieces, size = [], 0
+    while size <= limit and (piece := stream.read(min(CHUNK, limit + 1 - size))):
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)
 
 
 def _skip_past_newline(stream) -> tuple[int, int]:
@@ -114,42 +125,64 @@ class InputReader(Stage):
         return False
 
     def _read_warc(self) -> Iterator[Document]:
-        wanted = "response" if self.format == "warc" else "conversion"
-        record_count = 0
-        try:
-            # gzip is undone here, not by warcio: GzipFile raises on a truncated member, warcio's reader stops quietly
-            with _open_maybe_gzip(self.path) as stream:
-                records = ArchiveIterator(stream)
-                for record in records:
-                    if record.rec_type not in _WARC_TYPES:  # a header that does not parse could hide a document
-                        record_count += 1
-                        self.accounting.records_in += 1
-                        self.quarantine(self.path.name, f"record {record_count}",
-                                        f"malformed WARC record: WARC-Type {record.rec_type!r} is not a WARC record type")
-                        continue
-                    if record.rec_type != wanted:
-                        continue
-                    record_count += 1
-                    self.accounting.records_in += 1
-                    record_id = record.rec_headers.get_header("WARC-Record-ID", "")
-                    doc = self._warc_document(record, f"record {record_count} {record_id}".strip())
-                    if doc is not None:
-                        yield doc
-        except _STREAM_ERRORS as error:
-            self.quarantine(self.path.name, f"after record {record_count}",
-                            f"stream broken, rest of the file skipped: {type(error).__name__}: {error}", records=0)
+        """Records frame by frame (``stages.warc``). A document is yielded once the bytes after its record are
+        checked (the rest of its gzip member, or the next record's start), so a damaged frame never leaves half a
+        record in the run: its records go into one quarantine entry with the frame's byte span."""
+        wanted = WarcRecordType.response if self.format == "warc" else WarcRecordType.conversion
+        pending: list[Document] = []  # read from the current frame, not yet checked
+        frame_start, parsed, unsettled, seen = -1, False, False, 0
+        with open_input(self.path) as raw:
+            for frame in frames(raw):
+                if isinstance(frame, Damage):
+                    ours = frame.start == frame_start  # the frame just read, or a span no frame came from
+                    self._quarantine_damage(frame, len(pending) + unsettled if ours else 0, ours and parsed)
+                    pending, unsettled = [], False
+                    continue
+                yield from pending
+                pending, frame_start, parsed = [], frame.start, False
+                try:
+                    for record in ArchiveIterator(frame, parse_http=self.format == "warc", auto_decode="all",
+                                                  stream_detect=False):
+                        yield from pending  # the record before this one was read to its end
+                        pending, parsed, seen = [], True, seen + 1
+                        locator = f"record {seen} {record.record_id or ''} at byte {frame.start}"
+                        if record.record_type == WarcRecordType.unknown:
+                            self.accounting.records_in += 1
+                            self.quarantine(self.path.name, locator, "malformed WARC record: WARC-Type "
+                                            f"{record.headers.get('WARC-Type')!r} is not a WARC record type")
+                        elif record.record_type == wanted:
+                            self.accounting.records_in += 1
+                            unsettled = True
+                            doc = self._warc_document(record, locator)
+                            unsettled = False
+                            if doc is not None:
+                                pending.append(doc)
+                except OSError as error:  # FastWARC: the bytes are whole but are not a WARC record
+                    frame.malformed = f"malformed WARC record: {error}"
+                except FRAME_ERRORS:
+                    pass  # the frame keeps its error; ``frames`` reports the damaged span next
+        yield from pending
+
+    def _quarantine_damage(self, damage: Damage, lost: int, parsed: bool) -> None:
+        """One entry for a damaged span: the records it cost, counted in. When no record header in it could be
+        read, its start tells whether it held a document (a WARC-Type of another kind costs none; an unknown one
+        counts as one document lost, so a damaged file never counts as fewer records than it read)."""
+        if not parsed:
+            kind = damage.record_type()
+            wanted = "response" if self.format == "warc" else "conversion"
+            if kind == wanted or (kind is None and damage.head.startswith(b"WARC/")):
+                self.accounting.records_in += 1
+                lost += 1
+        self.quarantine(self.path.name, f"bytes {damage.start}-{damage.end} ({damage.unit})",
+                        f"damaged {damage.unit}, skipped; reading went on after it: {damage.error}", records=lost)
 
     def _warc_document(self, record, locator: str) -> Document | None:
-        headers = record.rec_headers
-        doc_id = headers.get_header("WARC-Record-ID", "").strip("<>") or f"{self.path.name}:{locator}"
-        url = headers.get_header("WARC-Target-URI", "")
-        date = headers.get_header("WARC-Date", "")
-        try:
-            payload = record.content_stream().read(self.config.max_document_bytes + 1)
-        except _STREAM_ERRORS as error:
-            self.quarantine(self.path.name, locator, f"record body unreadable: {type(error).__name__}: {error}")
-            return None
-        if self._too_big(len(payload), locator):
+        headers = record.headers
+        doc_id = (record.record_id or "").strip("<>") or f"{self.path.name}:{locator}"
+        url = headers.get("WARC-Target-URI", "")
+        date = headers.get("WARC-Date", "")
+        payload = _read_capped(record.reader, self.config.max_document_bytes)
+        if self._too_big(max(len(payload), record.content_length), locator):
             return None
         if self.format == "wet":
             try:
@@ -159,9 +192,10 @@ class InputReader(Stage):
                 return None
             kind = "text"
         else:
-            status = record.http_headers.get_statuscode() if record.http_headers else None
-            content_type = record.http_headers.get_header("Content-Type", "") if record.http_headers else ""
-            if status != "200":
+            http = record.http_headers if record.is_http else None
+            status = http.status_code if http is not None else None
+            content_type = http.get("Content-Type", "") if http is not None else ""
+            if status != 200:
                 self.drop(f"http_status_{status}")
                 return None
             if "html" not in content_type.lower():
@@ -257,8 +291,12 @@ class InputReader(Stage):
         )
 
     def _read_parquet(self) -> Iterator[Document]:
+        with open_input(self.path) as raw:
+            yield from self._parquet_rows(raw)
+
+    def _parquet_rows(self, raw: BinaryIO) -> Iterator[Document]:
         try:
-            parquet = pq.ParquetFile(open_input(self.path), memory_map=False)
+            parquet = pq.ParquetFile(raw)
         except (pa.ArrowException, OSError) as error:
             self.quarantine(self.path.name, "file", f"not a readable Parquet file: {error}", records=0)
             return
