@@ -213,8 +213,13 @@ def test_frequencies_from_a_dataset_version(tokenizer, tmp_path):
 
 
 class BigramCache:
-    def __init__(self):
-        self.length = 0
+    """Keeps no keys or values: a bigram model needs no context."""
+
+    keys: list = []
+    values: list = []
+
+    def __init__(self, max_len: int):
+        self.length, self.max_len = 0, max_len
 
     def crop(self, n: int) -> None:
         assert 0 <= n <= self.length
@@ -231,7 +236,7 @@ class BigramLM(nn.Module):
         self.head = nn.Parameter(table.T.contiguous())
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
-        return BigramCache()
+        return BigramCache(max_len)
 
     def lm_head_weight(self):
         return self.head
