@@ -24,6 +24,7 @@ model of the target and the draft at the current batch size, down to k = 0 where
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,9 @@ class _Running:
     mask: torch.Tensor  # [B, N] 1 = a real token of the row
     seen: torch.Tensor | None  # [B, V + 1] tokens in each row's context (repetition penalty); column V absorbs
     caches: list  # the target's KV cache, then the draft's when drafting
+    # Set when a slot was refilled in place: the padding masks the caches keep may be stale for that row, so every
+    # forward pass is given the whole mask until the next rebuild (which starts fresh caches).
+    refilled: bool = False
 
     @property
     def width(self) -> int:
@@ -326,10 +330,9 @@ class GenerationEngine:
         stop_ids = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(self.eos_ids))
         waiting, running = deque(rows), None
         while True:
-            if (
-                running is None
-                or any(row.finish_reason is not None for row in running.rows)
-                or running.width + max_k > running.caches[0].max_len
+            finished = [i for i, row in enumerate(running.rows) if row.finish_reason is not None] if running else []
+            if finished and not self._refill(running, finished, waiting, models) or (
+                running is None or running.width + max_k > running.caches[0].max_len
             ):
                 running = self._rebuild(running, waiting, models, settings, headroom=settings.max_new_tokens + max_k)
                 if running is None:
@@ -379,23 +382,51 @@ class GenerationEngine:
             if seen is not None:
                 seen[:n_kept] = running.seen[keep]
         if admitted:
-            # The new prompts, left-padded among themselves, end in the last column; all but their last token are
-            # prefilled together and placed just before the kept rows' tail. Their tail columns stay masked.
-            new_seq, new_mask = self._left_padded([row.prompt_token_ids for row in admitted], prompt_len)
-            start = packed - (prompt_len - 1)
-            seq[n_kept:, start:packed], mask[n_kept:, start:packed] = new_seq[:, :-1], new_mask[:, :-1]
-            seq[n_kept:, -1], mask[n_kept:, -1] = new_seq[:, -1], 1
-            for model, cache in zip(models, caches):
-                fresh = self._new_cache(model, len(admitted), prompt_len)
-                self._prefill(model, new_seq, new_mask, fresh)
-                for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
-                    tensor[n_kept:, :, start:packed] = fresh_tensor[:, :, : prompt_len - 1]
-                if not kept:
+            self._admit(admitted, torch.arange(n_kept, batch, device=self.device), packed, models, caches, seq, mask,
+                        seen)
+            if not kept:
+                for cache in caches:
                     cache.length = packed
-            if seen is not None:
-                seen[n_kept:].scatter_(1, torch.where(new_mask.bool(), new_seq, vocab), True)
         rows = [running.rows[i] for i in kept] + admitted if kept else admitted
         return _Running(rows, seq, mask, seen, caches)
+
+    def _refill(self, running: _Running, finished: list[int], waiting: deque, models: list) -> bool:
+        """Give the finished rows' slots to waiting prompts in place, the other rows untouched; False when that is
+        not possible (too few waiting prompts to fill them all, or a prompt longer than the columns every cache
+        holds) and the batch must be rebuilt."""
+        prefix = min(cache.length for cache in running.caches)
+        admitted = list(itertools.islice(waiting, len(finished)))
+        if len(admitted) < len(finished) or max(len(row.prompt_token_ids) for row in admitted) - 1 > prefix:
+            return False
+        for _ in admitted:
+            waiting.popleft()
+        slots = torch.tensor(finished, device=self.device)
+        running.mask[slots] = 0
+        if running.seen is not None:
+            running.seen[slots] = False
+        self._admit(admitted, slots, prefix, models, running.caches, running.seq, running.mask, running.seen)
+        for slot, row in zip(finished, admitted):
+            running.rows[slot] = row
+        running.refilled = True
+        return True
+
+    def _admit(self, admitted: list[_Row], slots: torch.Tensor, end: int, models: list, caches: list,
+               seq: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor | None) -> None:
+        """Prefill new prompts together and write them into empty slots: all but their last token right-aligned to
+        column `end` (their cache columns too), the last token in the last column; what lies between stays masked."""
+        prompt_len = max(len(row.prompt_token_ids) for row in admitted)
+        new_seq, new_mask = self._left_padded([row.prompt_token_ids for row in admitted], prompt_len)
+        start = end - (prompt_len - 1)
+        seq[slots, start:end], mask[slots, start:end] = new_seq[:, :-1], new_mask[:, :-1]
+        seq[slots, -1], mask[slots, -1] = new_seq[:, -1], 1
+        for model, cache in zip(models, caches):
+            fresh = self._new_cache(model, len(admitted), prompt_len)
+            self._prefill(model, new_seq, new_mask, fresh)
+            for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
+                tensor[slots, :, start:end] = fresh_tensor[:, :, : prompt_len - 1]
+        if seen is not None:
+            vocab = self.target.config.vocab_size
+            seen[slots] = seen[slots].scatter(1, torch.where(new_mask.bool(), new_seq, vocab), True)
 
     def _left_padded(self, prompts: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         seq = torch.full((len(prompts), length), self.pad_id, dtype=torch.long, device=self.device)
@@ -413,7 +444,7 @@ class GenerationEngine:
         batch, n = seq.shape
         # The mask and positions of the committed sequence plus k drafts, shared by the draft and the target.
         full_mask = torch.cat([mask, mask.new_ones((batch, k))], dim=1)
-        padded = not bool(full_mask.all())
+        padded = running.refilled or not bool(full_mask.all())
         positions = (full_mask.cumsum(-1) - 1).clamp_(min=0)
         drafts, draft_probs = self._propose(k, seq, full_mask, positions, padded, draft_cache, seen, settings,
                                             generator)
