@@ -342,7 +342,7 @@ def decode_step_seconds(model: MiniCPMForCausalLM, head, *, context: int, steps:
     for _ in range(3):
         step()
     best = float("inf")
-    for _ in range(3):  # best of three: other load on the machine only ever adds time
+    for _ in range(8):  # best of eight short blocks: other load on the machine only ever adds time
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -426,7 +426,7 @@ def main() -> None:
     parser.add_argument("--frspec-fraction", type=float, default=0.25)
     parser.add_argument("--target-steps", type=int, default=None, help="override the size's target training steps")
     parser.add_argument("--draft-steps", type=int, default=None, help="override the size's draft training steps")
-    parser.add_argument("--rounds", type=int, default=2, help="timing rounds; the best of them counts")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the best of them counts")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="decoding slots, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy box)")
     args = parser.parse_args()
@@ -445,7 +445,7 @@ def main() -> None:
     frequencies = TokenFrequencies.load(draft_dir)
     subset = frequencies.top_tokens(args.frspec_fraction, tuple(plain.eos_ids))
 
-    context, steps = 64, 50
+    context, steps = 64, 10
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     def step_seconds(model, head, tokens: tuple[int, ...]) -> dict[int, float]:

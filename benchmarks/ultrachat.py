@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--target", help="target checkpoint dir (default: train the pair as benchmarks/generate.py)")
     parser.add_argument("--draft", help="draft checkpoint dir, with FR-Spec counts if it has them")
     parser.add_argument("--temperatures", default="0.7,0", help="comma-separated; 0 is greedy")
+    parser.add_argument("--draft-cost-ratio", type=float, default=None,
+                        help="the controller's draft step / target step (default: from parameter counts)")
     parser.add_argument("--verify-cost-ratio", type=float, default=0.0,
                         help="the controller's target cost per extra token (benchmarks/generate.py measures it)")
     parser.add_argument("--draft-token-cost-ratio", type=float, default=0.0,
@@ -168,7 +170,7 @@ def main() -> None:
         models_args = argparse.Namespace(work_dir=args.work_dir, device=args.device, corpus=str(SHAKESPEARE))
         target_dir, draft_dir = generate.build_models(models_args, generate.SIZES[args.size])
     engine = GenerationEngine.from_pretrained(target_dir, draft_dir, device=device, speculative=SpeculativeConfig(
-        max_draft_tokens=10, verify_cost_ratio=args.verify_cost_ratio, draft_token_cost_ratio=args.draft_token_cost_ratio,
+        max_draft_tokens=10, draft_cost_ratio=args.draft_cost_ratio, verify_cost_ratio=args.verify_cost_ratio, draft_token_cost_ratio=args.draft_token_cost_ratio,
     ), max_batch_size=size["batch_size"])
 
     work = Path(args.work_dir)
