@@ -43,7 +43,7 @@ from sft_synth.seeds import build_seeds
 
 SHAKESPEARE = Path("../shared/data/text/tinyshakespeare.txt")
 SIZES = {
-    "small": {"seeds_per_family": 12, "turns": 2, "max_new_tokens": 64, "batch_size": 4},
+    "small": {"seeds_per_family": 12, "turns": 2, "max_new_tokens": 128, "batch_size": 4},
     "large": {"seeds_per_family": 64, "turns": 3, "max_new_tokens": 256, "batch_size": 16},
 }
 MODES = {  # name: (speculative decoding, static batches)
