@@ -157,7 +157,7 @@ def test_batches_of_uneven_rows_equal_each_prompt_alone(models, tokenizer, frequ
         assert batched.token_ids == alone.token_ids
         assert batched.text == alone.text and batched.finish_reason == alone.finish_reason
     # Continuous batching: a freed slot takes the next prompt at once, so the batch only shrinks once none waits.
-    assert sizes[0] == batch_size and all(a >= b for a, b in zip(sizes, sizes[1:]))
+    assert sizes[0] == batch_size and all(a >= b for a, b in itertools.pairwise(sizes))
     if draft_name == "close_draft":
         steps = [r.stats.target_steps for r in results]
         assert sum(steps) < sum(lengths)
@@ -289,11 +289,9 @@ def test_frequencies_from_a_dataset_version(tokenizer, tmp_path):
 class BigramCache:
     """Keeps no keys or values: a bigram model needs no context."""
 
-    keys: list = []
-    values: list = []
-
     def __init__(self, max_len: int):
         self.length, self.max_len = 0, max_len
+        self.keys, self.values = [], []
 
     def crop(self, n: int) -> None:
         assert 0 <= n <= self.length
