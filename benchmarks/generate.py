@@ -10,10 +10,12 @@ evaluation prompts are excluded from distillation. FR-Spec token frequencies are
 (TinyShakespeare or a dataset version) with the target's tokenizer and saved beside the draft. Everything
 trained is cached under --work-dir, keyed by its configuration, so a second run only measures.
 
-Figures are ratios against plain decoding run in the same process:
-  * tokens/s over the prompts, decoded one prompt at a time (speculation is a latency technique);
-  * mean accepted length = committed tokens per target forward pass;
-  * the draft's decode step (forward + LM head + sampling distribution), full vocabulary vs the FR-Spec subset.
+Figures are ratios against plain decoding run in the same process, at the same batch size:
+  * a table over batch sizes (decoding slots, continuous batching) of tokens/s over held-out prompts, for plain,
+    speculative and speculative + FR-Spec decoding, with the mean accepted length (committed tokens per target
+    forward pass per row) and the mean number of drafts per step the adaptive controller chose;
+  * decode-step times of the target and the draft (forward + LM head + sampling distribution, full vocabulary vs
+    the FR-Spec subset) by tokens per step; they give the controller its cost model.
 
     python benchmarks/generate.py --work-dir /tmp/genbench --threads 1   # CPU, small sizes, ~10 minutes first run
     python benchmarks/generate.py --size large --device cuda             # GPU sizes
@@ -134,6 +136,20 @@ def eval_paragraphs(count: int) -> list[str]:
     return random.Random(2).sample(shakespeare_paragraphs(), count)
 
 
+def distillation_paragraphs(size: dict) -> list[str]:
+    held_out = set(eval_paragraphs(size["eval_prompts"]))
+    candidates = [p for p in shakespeare_paragraphs() if p not in held_out]
+    return random.Random(1).sample(candidates, size["distill_prompts"])
+
+
+def held_out_paragraphs(size: dict, count: int) -> list[str]:
+    """The evaluation speeches, then further ones that the draft's distillation never saw, count in all."""
+    evaluation = eval_paragraphs(size["eval_prompts"])
+    seen = set(evaluation) | set(distillation_paragraphs(size))
+    rest = [p for p in shakespeare_paragraphs() if p not in seen]
+    return evaluation + random.Random(3).sample(rest, max(count - len(evaluation), 0))
+
+
 def paragraph_prompts(tokenizer, paragraphs: list[str], prompt_tokens: int) -> list[str]:
     return [tokenizer.decode(tokenizer.encode(p).ids[:prompt_tokens]) for p in paragraphs]
 
@@ -175,9 +191,7 @@ def distillation_set(path: Path, target_dir: Path, size: dict, device: torch.dev
     target = MiniCPMForCausalLM.from_pretrained(target_dir, device=device).eval()
     tokenizer = load_tokenizer(target_dir)
     bos = tokenizer.token_to_id("<s>")
-    held_out = set(eval_paragraphs(size["eval_prompts"]))
-    candidates = [p for p in shakespeare_paragraphs() if p not in held_out]
-    paragraphs = random.Random(1).sample(candidates, size["distill_prompts"])
+    paragraphs = distillation_paragraphs(size)
     prompts = torch.tensor(
         [[bos] + ids[:PROMPT_TOKENS] for ids in (tokenizer.encode(p, add_special_tokens=False).ids for p in paragraphs)
          if len(ids) >= PROMPT_TOKENS]
@@ -307,14 +321,15 @@ def point_at(link: Path, directory: Path) -> None:
 
 @torch.no_grad()
 def decode_step_seconds(model: MiniCPMForCausalLM, head, *, context: int, steps: int, device: torch.device,
-                        new_tokens: int = 1) -> float:
+                        new_tokens: int = 1, batch: int = 1) -> float:
     """Mean time of one decode step at a fixed cache length: forward, LM head (full or subset), probabilities.
 
-    new_tokens > 1 times a verification step: that many tokens scored in one forward pass.
+    new_tokens > 1 times a verification step (that many tokens per row scored in one forward pass), batch > 1 a
+    step over that many rows.
     """
     settings = GenerationSettings(temperature=0.7)
-    cache = model.new_cache(1, context + new_tokens)
-    ids = torch.randint(0, model.config.vocab_size, (1, context + new_tokens),
+    cache = model.new_cache(batch, context + new_tokens)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context + new_tokens),
                         generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     model.final_hidden(ids[:, :context], cache=cache)
@@ -324,10 +339,10 @@ def decode_step_seconds(model: MiniCPMForCausalLM, head, *, context: int, steps:
         logits_to_probs(head(hidden).float(), settings)
         cache.crop(context)
 
-    for _ in range(5):
+    for _ in range(3):
         step()
     best = float("inf")
-    for _ in range(3):  # best of three: other load on the machine only ever adds time
+    for _ in range(8):  # best of eight short blocks: other load on the machine only ever adds time
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -337,25 +352,30 @@ def decode_step_seconds(model: MiniCPMForCausalLM, head, *, context: int, steps:
     return best
 
 
-def measure(engines: dict, prompts: list[str], settings: GenerationSettings, device, rounds: int) -> dict:
-    """Decode the prompts one at a time with every engine, rounds times interleaved; keep each engine's best time.
+def extra_token_cost(step_seconds: dict[int, float]) -> float:
+    """Least-squares slope of step time over tokens per step, through the one-token step, per one-token step:
+    the controller's cost of one more token in a forward pass (another row or another verified draft)."""
+    base = step_seconds[1]
+    points = [(n - 1, t / base - 1.0) for n, t in step_seconds.items() if n > 1]
+    return max(sum(x * y for x, y in points) / sum(x * x for x, _ in points), 0.0)
 
-    Interleaving and the minimum make the ratios robust to other load on the machine.
-    """
+
+def measure(engines: dict, prompts: list[str], settings: GenerationSettings, device, rounds: int,
+            batch_size: int) -> dict:
+    """Decode all prompts with every engine through batch_size slots (continuous batching), rounds times
+    interleaved; keep each engine's best time. Interleaving and the minimum make the ratios robust to other load."""
     for engine in engines.values():
-        engine.generate(prompts[:1], settings.model_copy(update={"max_new_tokens": 8}))  # warm-up
+        engine.max_batch_size = batch_size
+        engine.generate(prompts[:batch_size], settings.model_copy(update={"max_new_tokens": 8}))  # warm-up
     seconds = dict.fromkeys(engines, float("inf"))
     results = {}
     for _ in range(rounds):
         for mode, engine in engines.items():
-            elapsed, results[mode] = 0.0, []
-            for prompt in prompts:
-                synchronize(device)
-                start = time.perf_counter()
-                results[mode].extend(engine.generate([prompt], settings))
-                synchronize(device)
-                elapsed += time.perf_counter() - start
-            seconds[mode] = min(seconds[mode], elapsed)
+            synchronize(device)
+            start = time.perf_counter()
+            results[mode] = engine.generate(prompts, settings)
+            synchronize(device)
+            seconds[mode] = min(seconds[mode], time.perf_counter() - start)
     figures = {}
     for mode, generations in results.items():
         tokens = sum(len(g.token_ids) for g in generations)
@@ -364,28 +384,34 @@ def measure(engines: dict, prompts: list[str], settings: GenerationSettings, dev
             "seconds": seconds[mode],
             "tokens_per_s": tokens / seconds[mode],
             "mean_accepted_length": tokens / sum(g.stats.target_steps for g in generations),
+            "drafted_per_step": sum(g.stats.drafted_tokens for g in generations)
+            / sum(g.stats.target_steps for g in generations),
             "accepted_lengths": [n for g in generations for n in g.stats.accepted_lengths],
             "token_ids": [g.token_ids for g in generations],
         }
     return figures
 
 
-def write_histogram(path: Path, report: dict) -> None:
+def write_chart(path: Path, report: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(report["runs"]), figsize=(6 * len(report["runs"]), 4), squeeze=False)
-    for ax, (name, modes) in zip(axes[0], report["runs"].items()):
-        top = max(max(m["accepted_lengths"]) for m in modes.values())
-        for mode, figures in modes.items():
-            if mode != "plain":
-                ax.hist(figures["accepted_lengths"], bins=range(1, top + 2), alpha=0.5, align="left",
-                        label=f"{mode} (mean {figures['mean_accepted_length']:.2f})")
-        ax.set_title(f"tokens committed per target step, {name}")
-        ax.set_xlabel("tokens per target step")
-        ax.set_ylabel("target steps")
+    for ax, (name, by_batch) in zip(axes[0], report["runs"].items()):
+        batches = [int(b) for b in by_batch]
+        for mode in ("speculative", "speculative+FR-Spec"):
+            ratios = [by_batch[str(b)][mode]["tokens_per_s"] / by_batch[str(b)]["plain"]["tokens_per_s"]
+                      for b in batches]
+            ax.plot(batches, ratios, marker="o", label=mode)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.axhline(0.95, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_title(f"{name}: tokens/s vs plain batched decoding")
+        ax.set_xlabel("batch size (decoding slots)")
+        ax.set_ylabel("speed-up")
         ax.legend()
     save_figure(fig, path)
 
@@ -401,6 +427,7 @@ def main() -> None:
     parser.add_argument("--target-steps", type=int, default=None, help="override the size's target training steps")
     parser.add_argument("--draft-steps", type=int, default=None, help="override the size's draft training steps")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the best of them counts")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="decoding slots, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy box)")
     args = parser.parse_args()
     os.chdir(REPO)  # the shared data is addressed relative to the repository root
@@ -418,73 +445,82 @@ def main() -> None:
     frequencies = TokenFrequencies.load(draft_dir)
     subset = frequencies.top_tokens(args.frspec_fraction, tuple(plain.eos_ids))
 
-    context, steps, verified = 64, 100, 5
+    context, steps = 64, 10
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    def target_head(h):
-        return h @ target.lm_head_weight().T
+    def step_seconds(model, head, tokens: tuple[int, ...]) -> dict[int, float]:
+        return {n: decode_step_seconds(model, head, context=context, steps=steps, device=device, batch=n)
+                for n in tokens}
 
-    target_step = decode_step_seconds(target, target_head, context=context, steps=steps, device=device)
-    verify_step = decode_step_seconds(target, target_head, context=context, steps=steps, device=device,
-                                      new_tokens=verified)
-    full_step = decode_step_seconds(draft, lambda h: h @ draft.lm_head_weight().T, context=context, steps=steps,
-                                    device=device)
-    frspec_step = decode_step_seconds(draft, FRSpecHead(draft.lm_head_weight(), subset), context=context, steps=steps,
-                                      device=device)
-    # The target's extra cost per additional verified token, in target steps (~0 when a step is weight-bound).
-    verify_cost = max(verify_step / target_step - 1.0, 0.0) / (verified - 1)
+    target_steps = step_seconds(target, lambda h: h @ target.lm_head_weight().T, (1, 4, 16, 48))
+    full_steps = step_seconds(draft, lambda h: h @ draft.lm_head_weight().T, (1, 4, 16))
+    frspec_steps = step_seconds(draft, FRSpecHead(draft.lm_head_weight(), subset), (1, 4, 16))
+    # The cost model of the adaptive controller, measured: per one-token target step, a draft step and one more
+    # token in a forward pass (~0 where a step is bound by reading the weights; CPUs are compute-bound soon).
+    verify_cost = extra_token_cost(target_steps)
 
-    def speculative(cost: float, fraction: float) -> SpeculativeConfig:
-        return SpeculativeConfig(draft_cost_ratio=cost, verify_cost_ratio=verify_cost, frspec_fraction=fraction,
+    def speculative(steps: dict[int, float], fraction: float) -> SpeculativeConfig:
+        return SpeculativeConfig(draft_cost_ratio=steps[1] / target_steps[1], verify_cost_ratio=verify_cost,
+                                 draft_token_cost_ratio=extra_token_cost(steps), frspec_fraction=fraction,
                                  max_draft_tokens=10)
 
     engines = {
         "plain": plain,
-        "speculative": GenerationEngine(target, tokenizer, draft, speculative=speculative(full_step / target_step, 1.0)),
+        "speculative": GenerationEngine(target, tokenizer, draft, speculative=speculative(full_steps, 1.0)),
         "speculative+FR-Spec": GenerationEngine(
             target, tokenizer, draft, frspec_frequencies=frequencies,
-            speculative=speculative(frspec_step / target_step, args.frspec_fraction),
+            speculative=speculative(frspec_steps, args.frspec_fraction),
         ),
     }
-    prompts = paragraph_prompts(tokenizer, eval_paragraphs(size["eval_prompts"]), PROMPT_TOKENS)
+    prompts = paragraph_prompts(tokenizer, held_out_paragraphs(size, max(batch_sizes)), PROMPT_TOKENS)
     runs = {
-        "greedy": GenerationSettings(max_new_tokens=size["max_new_tokens"], temperature=0.0, ignore_eos=True),
         "sampling T=0.7": GenerationSettings(max_new_tokens=size["max_new_tokens"], temperature=0.7, ignore_eos=True,
                                              seed=3),
+        "greedy": GenerationSettings(max_new_tokens=size["max_new_tokens"], temperature=0.0, ignore_eos=True),
     }
+    milliseconds = {name: {n: 1e3 * t for n, t in table.items()}
+                    for name, table in (("target", target_steps), ("draft_full_vocab", full_steps),
+                                        ("draft_frspec", frspec_steps))}
     report = {
         "size": args.size, "device": str(device), "threads": torch.get_num_threads(), "vocab_size": target.config.vocab_size,
         "target_parameters": target.num_parameters(), "draft_parameters": draft.num_parameters(),
-        "frspec_subset": int(subset.numel()),
-        "decode_step_ms": {"target": 1e3 * target_step, f"target_{verified}_tokens": 1e3 * verify_step,
-                           "draft_full_vocab": 1e3 * full_step, "draft_frspec": 1e3 * frspec_step},
-        "draft_cost_ratio": {"full_vocab": full_step / target_step, "frspec": frspec_step / target_step},
-        "verify_cost_ratio": verify_cost,
+        "frspec_subset": int(subset.numel()), "prompts": len(prompts),
+        "decode_step_ms_by_tokens": milliseconds,
+        "controller_costs": {mode: engine.speculative.model_dump() for mode, engine in engines.items() if mode != "plain"},
         "runs": {},
     }
     print(f"\ntarget {report['target_parameters'] / 1e6:.2f} M parameters, draft {report['draft_parameters'] / 1e6:.2f} M,"
           f" vocabulary {target.config.vocab_size}, FR-Spec subset {subset.numel()} tokens; device {device},"
           f" {torch.get_num_threads()} threads")
-    print(f"decode step: target {1e3 * target_step:.2f} ms ({verified} tokens verified: {1e3 * verify_step:.2f} ms),"
-          f" draft {1e3 * full_step:.2f} ms, draft with FR-Spec {1e3 * frspec_step:.2f} ms"
-          f" -> FR-Spec draft step {full_step / frspec_step:.2f}x faster")
+    for name, table in milliseconds.items():
+        print(f"decode step ms, {name}, by tokens per step: "
+              + ", ".join(f"{n}: {ms:.2f}" for n, ms in table.items()))
+    print(f"FR-Spec draft step {full_steps[1] / frspec_steps[1]:.2f}x faster; controller: draft cost ratio"
+          f" {full_steps[1] / target_steps[1]:.3f} (FR-Spec {frspec_steps[1] / target_steps[1]:.3f}), extra token"
+          f" cost {verify_cost:.3f} (target), {extra_token_cost(full_steps):.3f} / {extra_token_cost(frspec_steps):.3f}"
+          " (draft)")
     for name, settings in runs.items():
-        report["runs"][name] = measure(engines, prompts, settings, device, args.rounds)
-        figures = report["runs"][name]
-        base = figures["plain"]
-        print(f"\n{name}: {len(prompts)} prompts x {settings.max_new_tokens} new tokens, one prompt at a time")
-        print(f"  {'mode':<22}{'tokens/s':>10}{'speed-up':>10}{'accepted length':>17}")
-        for mode, f in figures.items():
-            print(f"  {mode:<22}{f['tokens_per_s']:>10.1f}{f['tokens_per_s'] / base['tokens_per_s']:>9.2f}x"
-                  f"{f['mean_accepted_length']:>17.2f}")
-        full, fr = figures["speculative"], figures["speculative+FR-Spec"]
-        loss = 1 - (fr["mean_accepted_length"] - 1) / (full["mean_accepted_length"] - 1)
-        print(f"  FR-Spec accepted-draft loss vs full-vocabulary draft: {100 * loss:.1f}%")
-        if settings.greedy:
-            identical = all(f["token_ids"] == base["token_ids"] for f in figures.values())
-            print(f"  greedy outputs identical to plain decoding: {identical}")
+        report["runs"][name] = by_batch = {}
+        print(f"\n{name}: {len(prompts)} prompts x {settings.max_new_tokens} new tokens through B decoding slots;"
+              " ratios against plain batched decoding at the same B")
+        print(f"  {'B':>3}{'plain tok/s':>13}{'speculative':>13}{'ratio':>7}{'acc.len':>8}{'k/step':>7}"
+              f"{'+FR-Spec':>10}{'ratio':>7}{'acc.len':>8}{'k/step':>7}{'identical':>10}")
+        for batch in batch_sizes:
+            figures = by_batch[str(batch)] = measure(engines, prompts, settings, device, args.rounds, batch)
+            base = figures["plain"]["tokens_per_s"]
+            line = f"  {batch:>3}{base:>13.1f}"
+            for mode in ("speculative", "speculative+FR-Spec"):
+                f = figures[mode]
+                line += (f"{f['tokens_per_s']:>{13 if mode == 'speculative' else 10}.1f}"
+                         f"{f['tokens_per_s'] / base:>6.2f}x{f['mean_accepted_length']:>8.2f}"
+                         f"{f['drafted_per_step']:>7.2f}")
+            identical = all(f["token_ids"] == figures["plain"]["token_ids"] for f in figures.values())
+            print(line + (f"{identical!s:>10}" if settings.greedy else f"{'-':>10}"), flush=True)
+            for f in figures.values():
+                del f["token_ids"]
     out = Path(args.work_dir) / "generate_benchmark.json"
     atomic_write_text(out, json.dumps(report, indent=1))
-    write_histogram(out.with_suffix(".png"), report)
+    write_chart(out.with_suffix(".png"), report)
     print(f"\nreport: {out} and {out.with_suffix('.png')}")
 
 

@@ -1,11 +1,14 @@
-"""UltraChat synthesis speed: dialogues/s and generated tokens/s, speculative decoding vs plain, same seeds.
+"""UltraChat synthesis speed: continuous vs static batching, speculative vs plain decoding, same seeds.
 
 The target and the draft are the pair that benchmarks/generate.py trains (the proxy-tiny target on TinyShakespeare,
 a smaller draft distilled from it, FR-Spec counts beside the draft), cached under --work-dir. The synthesis runs
 in-process (no Ray: one engine, as inside one generation actor) over the same seeds of every family from
-configs/ultrachat.yaml with a plain and a speculative engine on the same target; figures are ratios against the
-plain run in the same process. Greedy decoding must give identical dialogues in both modes (speculation is
-lossless); sampled runs are compared on speed only.
+configs/ultrachat.yaml, one chunk per family, so every turn hands the engine more prompts than it has decoding
+slots. Static batching decodes them batch_size at a time, each batch until its longest answer ends; continuous
+batching gives a finished row's slot to the next prompt at once. Answers end at a blank line (the target writes
+TinyShakespeare speeches, whose lengths vary as chat answers do) or at max_new_tokens. Figures are ratios against
+plain static batching in the same process. Greedy decoding must give identical dialogues in every mode (both
+batching and speculation are lossless); sampled runs are compared on speed only.
 
     python benchmarks/ultrachat.py                               # CPU, small sizes (trains the pair first)
     python benchmarks/ultrachat.py --target T --draft D          # an existing pair
@@ -40,8 +43,14 @@ from sft_synth.seeds import build_seeds
 
 SHAKESPEARE = Path("../shared/data/text/tinyshakespeare.txt")
 SIZES = {
-    "small": {"seeds_per_family": 4, "turns": 2, "max_new_tokens": 48, "batch_sizes": [1, 4]},
-    "large": {"seeds_per_family": 32, "turns": 3, "max_new_tokens": 256, "batch_sizes": [1, 16]},
+    "small": {"seeds_per_family": 12, "turns": 2, "max_new_tokens": 128, "batch_size": 4},
+    "large": {"seeds_per_family": 64, "turns": 3, "max_new_tokens": 256, "batch_size": 16},
+}
+MODES = {  # name: (speculative decoding, static batches)
+    "plain, static": (False, True),
+    "plain, continuous": (False, False),
+    "speculative, static": (True, True),
+    "speculative, continuous": (True, False),
 }
 
 
@@ -68,41 +77,46 @@ def benchmark_config(work: Path, size: dict, temperature: float, speculative: bo
         for role in ("assistant", "user", "tool"):
             if role in family:
                 family[role] = {**family[role], "max_new_tokens": size["max_new_tokens"], "temperature": temperature,
-                                "speculative": speculative, "seed": 0}
+                                "speculative": speculative, "seed": 0, "stop": ["\n\n"]}
     return parse_config(data, "benchmark config")
 
 
 class MeasuredEngine:
-    """The engine as the synthesizer sees it, counting target forward passes and the tokens they committed."""
+    """The engine as the synthesizer sees it, counting target forward passes and the tokens they committed.
 
-    def __init__(self, engine: GenerationEngine):
-        self.engine, self.target_steps, self.tokens = engine, 0, 0
+    static: each call's prompts are decoded batch-size at a time, each batch to its end (static batching)."""
+
+    def __init__(self, engine: GenerationEngine, static: bool):
+        self.engine, self.static, self.target_steps, self.lengths = engine, static, 0, []
 
     def generate(self, prompts, settings):
-        generations = self.engine.generate(prompts, settings)
+        size = self.engine.max_batch_size if self.static else max(len(prompts), 1)
+        generations = [g for begin in range(0, len(prompts), size)
+                       for g in self.engine.generate(prompts[begin : begin + size], settings)]
         self.target_steps += sum(g.stats.target_steps for g in generations)
-        self.tokens += sum(len(g.token_ids) for g in generations)
+        self.lengths += [len(g.token_ids) for g in generations]
         return generations
 
 
-def run_synthesis(engine: GenerationEngine, config: UltraChatConfig, seeds: dict, batch_size: int, device) -> dict:
-    engine = MeasuredEngine(engine)
+def run_synthesis(engine: GenerationEngine, config: UltraChatConfig, seeds: dict, static: bool, device) -> dict:
+    engine = MeasuredEngine(engine, static)
     dialogues, tokens = [], 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for family, family_seeds in seeds.items():
         synthesizer = DialogueSynthesizer(engine, family, getattr(config.families, family), config.seed)
-        for chunk, begin in enumerate(range(0, len(family_seeds), batch_size)):
-            records = synthesizer.synthesize(family_seeds[begin : begin + batch_size], chunk)
-            dialogues += records
-            tokens += sum(r["generated_tokens"] for r in records)
+        records = synthesizer.synthesize(family_seeds, 0)
+        dialogues += records
+        tokens += sum(r["generated_tokens"] for r in records)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    lengths = sorted(engine.lengths)
     return {"dialogues": len(dialogues), "tokens": tokens, "seconds": seconds,
             "dialogues_per_s": len(dialogues) / seconds, "tokens_per_s": tokens / seconds,
-            "mean_accepted_length": engine.tokens / max(engine.target_steps, 1),
+            "mean_accepted_length": sum(lengths) / max(engine.target_steps, 1),
+            "message_tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
             "messages": [r["messages"] for r in dialogues]}
 
 
@@ -113,13 +127,14 @@ def write_chart(path: Path, report: dict) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["runs"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
-    for offset, mode in enumerate(("plain", "speculative")):
+    fig, ax = plt.subplots(figsize=(max(6, 2.4 * len(names)), 4))
+    width = 0.8 / len(MODES)
+    for offset, mode in enumerate(MODES):
         values = [report["runs"][n][mode]["tokens_per_s"] for n in names]
-        ax.bar([i + 0.4 * offset for i in range(len(names))], values, width=0.4, label=mode)
-    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=15)
+        ax.bar([i + width * offset for i in range(len(names))], values, width=width, label=mode)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
     ax.set_ylabel("generated tokens/s")
-    ax.set_title("UltraChat synthesis: plain vs speculative decoding")
+    ax.set_title("UltraChat synthesis: static vs continuous batching, plain vs speculative decoding")
     ax.legend()
     save_figure(fig, path)
 
@@ -133,6 +148,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the fastest of each mode counts")
     parser.add_argument("--target", help="target checkpoint dir (default: train the pair as benchmarks/generate.py)")
     parser.add_argument("--draft", help="draft checkpoint dir, with FR-Spec counts if it has them")
+    parser.add_argument("--temperatures", default="0.7,0", help="comma-separated; 0 is greedy")
+    parser.add_argument("--draft-cost-ratio", type=float, default=None,
+                        help="the controller's draft step / target step (default: from parameter counts)")
+    parser.add_argument("--verify-cost-ratio", type=float, default=0.0,
+                        help="the controller's target cost per extra token (benchmarks/generate.py measures it)")
+    parser.add_argument("--draft-token-cost-ratio", type=float, default=0.0,
+                        help="the controller's draft cost per extra row (benchmarks/generate.py measures it)")
     args = parser.parse_args()
     os.chdir(REPO)  # the shared data is addressed relative to the repository root
     if args.threads:
@@ -147,37 +169,43 @@ def main() -> None:
         generate = load_generate_benchmark()
         models_args = argparse.Namespace(work_dir=args.work_dir, device=args.device, corpus=str(SHAKESPEARE))
         target_dir, draft_dir = generate.build_models(models_args, generate.SIZES[args.size])
-    speculative = SpeculativeConfig(max_draft_tokens=10)
-    engine = GenerationEngine.from_pretrained(target_dir, draft_dir, device=device, speculative=speculative,
-                                              max_batch_size=max(size["batch_sizes"]))
+    engine = GenerationEngine.from_pretrained(target_dir, draft_dir, device=device, speculative=SpeculativeConfig(
+        max_draft_tokens=10, draft_cost_ratio=args.draft_cost_ratio, verify_cost_ratio=args.verify_cost_ratio, draft_token_cost_ratio=args.draft_token_cost_ratio,
+    ), max_batch_size=size["batch_size"])
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     report = {"size": args.size, "device": str(device), "threads": torch.get_num_threads(),
-              "frspec": engine.frspec_head is not None, "runs": {}}
-    for temperature in (0.0, 0.7):
-        configs = {mode: benchmark_config(work, size, temperature, mode == "speculative")
-                   for mode in ("plain", "speculative")}
-        seeds = build_seeds(configs["plain"], REPO)
-        for batch_size in size["batch_sizes"]:
-            name = f"{'greedy' if temperature == 0 else f'T={temperature}'}, batch {batch_size}"
-            runs = {}
-            for _ in range(args.rounds):  # interleaved, best of rounds: robust to other load on the machine
-                for mode, config in configs.items():
-                    run = run_synthesis(engine, config, seeds, batch_size, device)
-                    if mode not in runs or run["seconds"] < runs[mode]["seconds"]:
-                        runs[mode] = run
-            report["runs"][name] = runs
-            plain, spec = runs["plain"], runs["speculative"]
-            print(f"\n{name}: {plain['dialogues']} dialogues ({len(seeds)} families x {size['seeds_per_family']}, "
-                  f"{size['turns']} turns, <= {size['max_new_tokens']} new tokens per message)")
-            print(f"  {'mode':<13}{'dialogues/s':>12}{'tokens/s':>10}{'tokens':>8}{'speed-up':>10}{'accepted length':>17}")
-            for mode, figures in runs.items():
-                print(f"  {mode:<13}{figures['dialogues_per_s']:>12.3f}{figures['tokens_per_s']:>10.1f}"
-                      f"{figures['tokens']:>8}{figures['tokens_per_s'] / plain['tokens_per_s']:>9.2f}x"
-                      f"{figures['mean_accepted_length']:>17.2f}")
-            if temperature == 0:
-                print(f"  greedy dialogues identical in both modes: {plain['messages'] == spec['messages']}")
+              "frspec": engine.frspec_head is not None, "batch_size": size["batch_size"],
+              "speculative": engine.speculative.model_dump(), "runs": {}}
+    for temperature in (float(t) for t in args.temperatures.split(",")):
+        configs = {speculative: benchmark_config(work, size, temperature, speculative) for speculative in (False, True)}
+        seeds = build_seeds(configs[False], REPO)
+        name = "greedy" if temperature == 0 else f"T={temperature}"
+        runs = {}
+        for _ in range(args.rounds):  # interleaved, best of rounds: robust to other load on the machine
+            for mode, (speculative, static) in MODES.items():
+                run = run_synthesis(engine, configs[speculative], seeds, static, device)
+                if mode not in runs or run["seconds"] < runs[mode]["seconds"]:
+                    runs[mode] = run
+        report["runs"][name] = runs
+        base = runs["plain, static"]
+        print(f"\n{name}: {base['dialogues']} dialogues ({len(seeds)} families x {size['seeds_per_family']}, "
+              f"{size['turns']} turns, <= {size['max_new_tokens']} new tokens per message), {size['batch_size']} "
+              "decoding slots")
+        print(f"  {'mode':<25}{'dialogues/s':>12}{'tokens/s':>10}{'tokens':>8}{'vs plain static':>17}"
+              f"{'accepted length':>17}  message tokens min/median/max")
+        for mode, figures in runs.items():
+            spread = figures["message_tokens"]
+            print(f"  {mode:<25}{figures['dialogues_per_s']:>12.3f}{figures['tokens_per_s']:>10.1f}"
+                  f"{figures['tokens']:>8}{figures['tokens_per_s'] / base['tokens_per_s']:>16.2f}x"
+                  f"{figures['mean_accepted_length']:>17.2f}  {spread['min']}/{spread['median']}/{spread['max']}")
+        for decoding in ("plain", "speculative"):
+            ratio = runs[f"{decoding}, continuous"]["tokens_per_s"] / runs[f"{decoding}, static"]["tokens_per_s"]
+            print(f"  continuous vs static batching, {decoding} decoding: {ratio:.2f}x")
+        if temperature == 0:
+            identical = all(r["messages"] == base["messages"] for r in runs.values())
+            print(f"  greedy dialogues identical in every mode: {identical}")
     for runs in report["runs"].values():
         for figures in runs.values():
             del figures["messages"]

@@ -108,6 +108,80 @@ def test_greedy_speculative_equals_plain_greedy(models, tokenizer, frequencies, 
         assert alone.stats.target_steps < GREEDY.max_new_tokens
 
 
+# Prompts of 2 to 40 tokens: rows of one batch differ in length from the start.
+UNEVEN_PROMPTS = [
+    " ".join(SHAKESPEARE.read_text(encoding="utf-8")[2000 * i : 2000 * i + 400].split()[: 2 + 5 * i]) for i in range(9)
+]
+
+
+@pytest.fixture(scope="module")
+def uneven_settings(models, tokenizer):
+    """Greedy, stopping at a token the target emits often, so the generations end at different lengths."""
+    engine = GenerationEngine(models.target, tokenizer)
+    outputs = [engine.generate([p], GREEDY)[0].token_ids for p in UNEVEN_PROMPTS]
+    counts = torch.bincount(torch.tensor([t for ids in outputs for t in ids[4:]]))
+    return GREEDY.model_copy(update={"max_new_tokens": 32, "stop_token_ids": [int(counts.argmax())]})
+
+
+@pytest.fixture(scope="module")
+def uneven_alone(models, tokenizer, uneven_settings):
+    engine = GenerationEngine(models.target, tokenizer)
+    return [engine.generate([p], uneven_settings)[0] for p in UNEVEN_PROMPTS]
+
+
+def decode_batch_sizes(model: nn.Module) -> tuple[list[int], object]:
+    """Record the batch size of every decoding step of a model (prefill goes through final_hidden, not forward)."""
+    sizes: list[int] = []
+    return sizes, model.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("draft_name", [None, "close_draft", "small_draft"])
+def test_batches_of_uneven_rows_equal_each_prompt_alone(models, tokenizer, frequencies, uneven_settings, uneven_alone,
+                                                        batch_size, draft_name):
+    """Ragged speculation and continuous batching change nothing in any row's greedy output."""
+    lengths = [len(g.token_ids) for g in uneven_alone]
+    assert len(set(lengths)) > 3 and min(lengths) < uneven_settings.max_new_tokens  # the rows do end unevenly
+    draft = getattr(models, draft_name) if draft_name else None
+    engine = GenerationEngine(
+        models.target, tokenizer, draft, frspec_frequencies=frequencies if draft_name == "small_draft" else None,
+        max_batch_size=batch_size,
+        speculative=SpeculativeConfig(num_draft_tokens=3, max_draft_tokens=5, draft_cost_ratio=0.1),
+    )
+    sizes, hook = decode_batch_sizes(models.target)
+    try:
+        results = engine.generate(UNEVEN_PROMPTS, uneven_settings)
+    finally:
+        hook.remove()
+    for alone, batched in zip(uneven_alone, results):
+        assert batched.token_ids == alone.token_ids
+        assert batched.text == alone.text and batched.finish_reason == alone.finish_reason
+    # Continuous batching: a freed slot takes the next prompt at once, so the batch only shrinks once none waits.
+    assert sizes[0] == batch_size and all(a >= b for a, b in itertools.pairwise(sizes))
+    if draft_name == "close_draft":
+        steps = [r.stats.target_steps for r in results]
+        assert sum(steps) < sum(lengths)
+        # Ragged: rows of one step commit different numbers of tokens (a shared cut would make them all equal).
+        # The first batch_size rows start together, so their j-th steps are the same step while both run.
+        first = [r.stats.accepted_lengths for r in results[:batch_size]]
+        per_step = [{lengths[j] for lengths in first if j < len(lengths)} for j in range(max(map(len, first)))]
+        assert batch_size == 1 or max(map(len, per_step)) > 1
+
+
+def test_static_batches_take_more_steps_than_continuous(models, tokenizer, uneven_settings):
+    engine = GenerationEngine(models.target, tokenizer, max_batch_size=3)
+    sizes, hook = decode_batch_sizes(models.target)
+    try:
+        engine.generate(UNEVEN_PROMPTS, uneven_settings)
+        continuous = len(sizes)
+        for begin in range(0, len(UNEVEN_PROMPTS), 3):
+            engine.generate(UNEVEN_PROMPTS[begin : begin + 3], uneven_settings)
+    finally:
+        hook.remove()
+    static = len(sizes) - continuous
+    assert continuous < static
+
+
 def test_speculative_sampling_is_deterministic_by_seed(models, tokenizer, frequencies):
     engine = GenerationEngine(models.target, tokenizer, models.close_draft, frspec_frequencies=frequencies)
     settings = GenerationSettings(max_new_tokens=16, temperature=0.9, top_p=0.95, repetition_penalty=1.1, seed=5)
@@ -213,8 +287,11 @@ def test_frequencies_from_a_dataset_version(tokenizer, tmp_path):
 
 
 class BigramCache:
-    def __init__(self):
-        self.length = 0
+    """Keeps no keys or values: a bigram model needs no context."""
+
+    def __init__(self, max_len: int):
+        self.length, self.max_len = 0, max_len
+        self.keys, self.values = [], []
 
     def crop(self, n: int) -> None:
         assert 0 <= n <= self.length
@@ -231,7 +308,7 @@ class BigramLM(nn.Module):
         self.head = nn.Parameter(table.T.contiguous())
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
-        return BigramCache()
+        return BigramCache(max_len)
 
     def lm_head_weight(self):
         return self.head

@@ -138,13 +138,13 @@ def test_draft_length_controller_follows_acceptance():
     assert controller.expected_tokens(0.5, 2) == pytest.approx(1.75)
     for _ in range(30):
         controller.update([8, 8], 8)  # every draft accepted
-    assert controller.k == 8 and controller.acceptance_rate > 0.99
-    for _ in range(30):
-        controller.update([0, 0], controller.k)  # every draft rejected
-    assert controller.k == 1 and controller.acceptance_rate < 0.3
+    assert controller.choose(2) == 8 and controller.acceptance_rate > 0.99
+    for _ in range(60):
+        controller.update([0, 0], 8)  # every draft rejected: a step of k drafts costs more and commits 1 token
+    assert controller.choose(2) == 0 and controller.acceptance_rate < 0.05
     fixed = DraftLengthController(initial=3, minimum=1, maximum=8, cost_ratio=0.1, adaptive=False)
     fixed.update([0], 3)
-    assert fixed.k == 3
+    assert fixed.choose(8) == 3
 
 
 def test_draft_length_controller_weighs_draft_cost():
@@ -161,6 +161,33 @@ def test_draft_length_controller_weighs_verification_cost():
     assert free > costly.best_length(0.8) >= 1
     with pytest.raises(ValueError, match="verify_cost_ratio"):
         DraftLengthController(initial=1, minimum=1, maximum=2, cost_ratio=0.1, verify_cost_ratio=-1.0)
+
+
+def test_draft_length_controller_hand_computed_costs_and_batch_size():
+    controller = DraftLengthController(initial=2, minimum=1, maximum=8, cost_ratio=0.1, verify_cost_ratio=0.05,
+                                       draft_token_cost_ratio=0.02)
+    # Batch 8, k = 3: the target reads 32 tokens, 1 + 0.05 * 31 = 2.55; three draft steps over 8 rows,
+    # 3 * 0.1 * (1 + 0.02 * 7) = 0.342; plain decoding reads 8 tokens, 1.35.
+    assert controller.step_cost(8, 3) == pytest.approx(2.892)
+    assert controller.step_cost(8, 0) == pytest.approx(1.35)
+    # a = 0.8, k = 3 commits 1 + .8 + .64 + .512 = 2.952 tokens per row: 2.952 * 1.35 / 2.892 against plain.
+    assert controller.speedup(0.8, 8, 3) == pytest.approx(2.952 * 1.35 / 2.892)
+    # The larger the batch, the more a verified token costs against a plain step: k shrinks, then speculation stops.
+    lengths = [controller.best_length(0.8, batch) for batch in (1, 8, 64, 512)]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[1] and lengths[-1] == 0
+    # Whatever k it picks, the model never expects speculation to lose against plain decoding.
+    for rate in (0.0, 0.3, 0.6, 0.9):
+        for batch in (1, 4, 16, 64):
+            k = controller.best_length(rate, batch)
+            assert k == 0 or controller.speedup(rate, batch, k) > 1.0
+
+
+def test_draft_length_controller_probes_after_steps_without_drafts():
+    controller = DraftLengthController(initial=2, minimum=1, maximum=4, cost_ratio=0.5, probe_interval=3)
+    for _ in range(20):
+        controller.update([0], 2)
+    choices = [controller.choose(1) for _ in range(8)]
+    assert choices == [0, 0, 0, 1, 0, 0, 0, 1]
 
 
 def test_sample_draws_from_the_distribution():

@@ -1,21 +1,31 @@
-"""The generation engine: batched prefill and decode with KV caches, plain or speculative (optionally FR-Spec).
+"""The generation engine: continuous batching over decoding slots, plain or speculative decoding (FR-Spec optional).
 
-One decoding loop serves both modes; plain decoding is the k = 0 case of speculative decoding. A step holds the
-invariant that each model's cache stores a prefix of the committed sequence: the target's cache everything but
-the last committed token, the draft's at most that. A step feeds each model what its cache lacks, the draft
-proposes k tokens one at a time, the target scores all of them in one forward pass, and both caches are cropped
-back to the committed prefix, which is exact because a crop only forgets positions.
+Layout. A running batch keeps a token matrix `seq` [B, N] and a mask [B, N] (1 = a real token of that row); each
+model's KV cache holds a prefix of those columns, the target's all but the last column, the draft's at most that,
+and every row's newest token sits in the last column. A row's positions count its real tokens only, so a masked
+column (left padding, a rejected draft) is invisible to that row and shifts none of its positions.
 
-Batched speculative decoding advances every row by the same number of tokens, the smallest accepted prefix of
-any unfinished row plus one, so the rows keep one shared cache length. That stays lossless: any prefix of a
-speculative sample is a sample of the target, and a row that accepted more drafts keeps the token at the cut,
-which is its accepted draft or its own correction, both drawn from the target's distribution at that position.
-The price is that a batch accepts only what its worst row accepts: speculation pays at small batches (latency),
-plain batched decoding at large ones (throughput); max_batch_size and GenerationSettings.speculative choose.
+Ragged speculation. One decoding loop serves both modes; plain decoding is the k = 0 case. A step feeds each
+model what its cache lacks, the draft proposes k tokens per row, the target scores them in one forward pass, and
+every row commits its own accepted drafts plus the target's token. The new columns hold the drafts up to the
+longest accepted prefix in the batch, then the target's tokens; a row that accepted fewer masks its rejected
+drafts, and the caches are cropped to the new layout (a crop only forgets positions). A masked column is never
+attended to again, so every row continues exactly as if it had been decoded alone, whatever its neighbours
+accepted: lossless per row, and a row that accepts more advances further.
+
+Continuous batching. When rows finish, or masked columns fill the caches, the batch is rebuilt before the next
+step: surviving rows keep their real columns (packed to the right, which drops their holes), waiting prompts are
+prefilled together and take the free slots, and both caches are gathered into the new layout. The columns beyond
+the draft's cache are moved as they are, so both caches stay prefixes of the new layout.
+
+The adaptive controller (speculative.DraftLengthController) picks k per step from the acceptance rate and a cost
+model of the target and the draft at the current batch size, down to k = 0 where speculation would not pay.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +59,15 @@ class SpeculativeConfig(BaseModel):
     frspec_fraction: float = Field(0.25, gt=0.0, le=1.0)
     verify_cost_ratio: float = Field(
         0.0, ge=0.0,
-        description="extra target time per additional verified token / target step time: about 0 where a "
-        "step is bound by reading the weights (GPU), larger where scoring k + 1 tokens costs more than one (CPU)",
+        description="extra target time per additional token in a forward pass (another verified draft or another "
+        "row) / the time of a one-token step: about 0 while a step is bound by reading the weights (a GPU at small "
+        "batches), larger where the step is compute-bound (a CPU after a few tokens)",
+    )
+    draft_token_cost_ratio: float = Field(
+        0.0, ge=0.0, description="the same for the draft: its extra time per additional row / its one-row step time"
+    )
+    probe_interval: int = Field(
+        16, ge=1, description="after this many steps without drafts, one step drafts again to re-measure acceptance"
     )
 
 
@@ -80,10 +97,45 @@ class _Row:
     """Decoding state of one prompt."""
 
     prompt_token_ids: list[int]
+    index: int  # position of its prompt in the call
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string starts in the decoded text
     stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class _Running:
+    """The rows in the decoding slots and their shared column layout (see the module docstring)."""
+
+    rows: list[_Row]
+    seq: torch.Tensor  # [B, N] token ids
+    mask: torch.Tensor  # [B, N] 1 = a real token of the row
+    seen: torch.Tensor | None  # [B, V + 1] tokens in each row's context (repetition penalty); column V absorbs
+    caches: list  # the target's KV cache, then the draft's when drafting
+    # Set when a slot was refilled in place: the padding masks the caches keep may be stale for that row, so every
+    # forward pass is given the whole mask until the next rebuild (which starts fresh caches).
+    refilled: bool = False
+
+    @property
+    def width(self) -> int:
+        return self.seq.shape[1]
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    return [*cache.keys, *cache.values]
+
+
+def _packed_columns(mask: torch.Tensor, prefix: int, packed: int) -> torch.Tensor:
+    """For every row and new column, the old column it takes (-1: padding): the real columns among the first
+    `prefix` right-aligned into `packed` columns, then the columns from `prefix` on unchanged."""
+    real = mask[:, :prefix].bool()
+    destination = packed - real.sum(1, keepdim=True) + real.long().cumsum(1) - 1
+    source = torch.full((mask.shape[0], packed + mask.shape[1] - prefix), -1, dtype=torch.long, device=mask.device)
+    rows, columns = real.nonzero(as_tuple=True)
+    source[rows, destination[rows, columns]] = columns
+    source[:, packed:] = torch.arange(prefix, mask.shape[1], device=mask.device)
+    return source
 
 
 def _parameter_count(model: nn.Module) -> int:
@@ -94,8 +146,9 @@ class GenerationEngine:
     """Generates from a MiniCPM-contract target, optionally drafting with a smaller model on the same tokenizer.
 
     target / draft: models with forward(input_ids, attention_mask=, position_ids=, cache=) -> .logits,
-    new_cache(batch, max_len, device=, dtype=) and caches with .length / .crop(n). FR-Spec needs the draft's
-    final_hidden(...) and lm_head_weight().
+    final_hidden(...) (hidden states before the LM head), lm_head_weight() and new_cache(batch, max_len, device=,
+    dtype=), whose caches have .length, .max_len and per-layer .keys / .values [B, heads, max_len, head_dim].
+    max_batch_size is the number of decoding slots; more prompts wait for a slot.
     """
 
     def __init__(
@@ -179,12 +232,9 @@ class GenerationEngine:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
-        results: list[Generation] = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            batch = [_Row(list(p)) for p in prompts[start : start + self.max_batch_size]]
-            self._decode_batch(batch, settings, generator)
-            results.extend(self._finish(row) for row in batch)
-        return results
+        rows = [_Row(list(p), i) for i, p in enumerate(prompts)]
+        self._decode(rows, settings, generator)
+        return [self._finish(row) for row in rows]
 
     def _finish(self, row: _Row) -> Generation:
         ids = row.token_ids
@@ -255,104 +305,192 @@ class GenerationEngine:
             draft_params -= (vocab - self.frspec_head.token_ids.numel()) * hidden
         return draft_params / _parameter_count(self.target)
 
+    def _controller(self) -> DraftLengthController:
+        spec = self.speculative
+        return DraftLengthController(
+            initial=spec.num_draft_tokens,
+            minimum=spec.min_draft_tokens,
+            maximum=spec.max_draft_tokens,
+            cost_ratio=self.draft_cost_ratio(),
+            adaptive=spec.adaptive,
+            verify_cost_ratio=spec.verify_cost_ratio,
+            draft_token_cost_ratio=spec.draft_token_cost_ratio,
+            probe_interval=spec.probe_interval,
+        )
+
     # ------------------------------------------------------------------ decoding loop
 
     @torch.no_grad()
-    def _decode_batch(self, rows: list[_Row], settings: GenerationSettings, generator: torch.Generator) -> None:
+    def _decode(self, rows: list[_Row], settings: GenerationSettings, generator: torch.Generator) -> None:
+        """Decode every row, max_batch_size at a time; a finished row's slot goes to the next waiting prompt."""
         use_draft = settings.speculative and self.draft is not None
-        spec = self.speculative
-        controller = (
-            DraftLengthController(
-                initial=spec.num_draft_tokens,
-                minimum=spec.min_draft_tokens,
-                maximum=spec.max_draft_tokens,
-                cost_ratio=self.draft_cost_ratio(),
-                adaptive=spec.adaptive,
-                verify_cost_ratio=spec.verify_cost_ratio,
-            )
-            if use_draft
-            else None
-        )
+        models = [self.target, self.draft] if use_draft else [self.target]
+        controller = self._controller() if use_draft else None
+        max_k = self.speculative.max_draft_tokens if use_draft else 0
         stop_ids = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(self.eos_ids))
-        batch, longest = len(rows), max(len(r.prompt_token_ids) for r in rows)
-        seq = torch.full((batch, longest), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((batch, longest), dtype=torch.long, device=self.device)
-        for i, row in enumerate(rows):  # left padding: every row's next token goes in the same column
-            seq[i, longest - len(row.prompt_token_ids) :] = torch.tensor(row.prompt_token_ids)
-            mask[i, longest - len(row.prompt_token_ids) :] = 1
-        max_len = longest + settings.max_new_tokens + (spec.max_draft_tokens if use_draft else 0) + 1
-        vocab = self.target.config.vocab_size
-        penalise = settings.repetition_penalty != 1.0
-        # Tokens in each row's context, for the repetition penalty; column `vocab` absorbs the padding.
-        seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=self.device)
-        if penalise:
-            seen.scatter_(1, torch.where(mask.bool(), seq, vocab), True)
-
-        padded = not bool(mask.all())  # left padding never goes away: decided once per batch
-        target_cache = self._new_cache(self.target, batch, max_len)
-        self._prefill(self.target, seq, mask, target_cache)
-        if use_draft:
-            draft_cache = self._new_cache(self.draft, batch, max_len)
-            self._prefill(self.draft, seq, mask, draft_cache)
-
+        waiting, running = deque(rows), None
         while True:
-            active = [i for i, row in enumerate(rows) if row.finish_reason is None]
-            if not active:
-                return
-            remaining = max(settings.max_new_tokens - len(rows[i].token_ids) for i in active)
-            k = min(controller.k, remaining - 1) if use_draft else 0
-            # The mask and positions of the committed sequence plus k drafts, shared by the draft and the target.
-            full_mask = torch.cat([mask, mask.new_ones((batch, k))], dim=1)
-            positions = (full_mask.cumsum(-1) - 1).clamp_(min=0)
-            drafts, draft_probs = self._propose(
-                k, seq, full_mask, positions, padded, draft_cache if use_draft else None, seen, settings, generator
-            )
+            finished = [i for i, row in enumerate(running.rows) if row.finish_reason is not None] if running else []
+            if finished and not self._refill(running, finished, waiting, models) or (
+                running is None or running.width + max_k > running.caches[0].max_len
+            ):
+                running = self._rebuild(running, waiting, models, settings, headroom=settings.max_new_tokens + max_k)
+                if running is None:
+                    return
+            remaining = max(settings.max_new_tokens - len(row.token_ids) for row in running.rows)
+            k = min(controller.choose(len(running.rows)), remaining - 1) if use_draft else 0
+            accepted = self._step(running, k, settings, generator, stop_ids)
+            if k:
+                controller.update(accepted, k)
 
-            context = torch.cat([seq, drafts], dim=1)
-            n = seq.shape[1]
-            logits = self._forward(
-                self.target, context[:, target_cache.length :], full_mask, target_cache, last=k + 1,
-                positions=positions, padded=padded,
-            )
-            target_seen = None
-            if penalise:  # position j of the verification has seen the drafts before it
-                drafted = torch.zeros((batch, k + 1, vocab + 1), dtype=torch.int32, device=self.device)
-                drafted[:, 1:].scatter_(2, drafts[:, :, None], 1)
-                target_seen = (seen[:, None, :] | (drafted.cumsum(dim=1) > 0))[..., :vocab]
-            target_probs = logits_to_probs(logits, settings, target_seen)
+    def _rebuild(self, running: _Running | None, waiting: deque, models: list, settings: GenerationSettings,
+                 headroom: int) -> _Running | None:
+        """The next layout: unfinished rows packed, waiting prompts prefilled into the free slots; None when done."""
+        kept = [i for i, row in enumerate(running.rows) if row.finish_reason is None] if running else []
+        admitted = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch_size - len(kept)))]
+        if not kept and not admitted:
+            return None
+        n_kept, batch = len(kept), len(kept) + len(admitted)
+        packed, tail = 0, 1
+        if kept:
+            keep = torch.tensor(kept, device=self.device)
+            kept_mask = running.mask[keep]
+            prefix = min(cache.length for cache in running.caches)  # the columns every cache holds
+            packed, tail = int(kept_mask[:, :prefix].sum(1).max()), running.width - prefix
+        if admitted:
+            prompt_len = max(len(row.prompt_token_ids) for row in admitted)
+            packed = max(packed, prompt_len - 1)
+        width = packed + tail
+        seq = torch.full((batch, width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((batch, width), dtype=torch.long, device=self.device)
+        caches = [self._new_cache(model, batch, width + headroom) for model in models]
+        vocab = self.target.config.vocab_size
+        seen = None
+        if settings.repetition_penalty != 1.0:
+            seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=self.device)
 
-            if k == 0:
-                num_accepted = torch.zeros(batch, dtype=torch.long, device=self.device)
-                next_token = sample(target_probs[:, 0], settings.greedy, generator)
-            elif settings.greedy:
-                num_accepted, next_token = verify_greedy(drafts, target_probs)
-            else:
-                num_accepted, next_token = verify_sampling(drafts, torch.stack(draft_probs, 1), target_probs, generator)
+        if kept:
+            source = _packed_columns(kept_mask, prefix, packed)
+            valid, columns = source >= 0, source.clamp(min=0)
+            seq[:n_kept] = torch.where(valid, running.seq[keep].gather(1, columns), self.pad_id)
+            mask[:n_kept] = torch.where(valid, kept_mask.gather(1, columns), 0)
+            for old, new in zip(running.caches, caches):
+                new.length = packed + old.length - prefix
+                for old_tensor, new_tensor in zip(_cache_tensors(old), _cache_tensors(new)):
+                    gathered = old_tensor[keep[:, None], :, columns[:, : new.length]]  # [rows, columns, heads, dim]
+                    new_tensor[:n_kept, :, : new.length] = gathered.transpose(1, 2)
+            if seen is not None:
+                seen[:n_kept] = running.seen[keep]
+        if admitted:
+            self._admit(admitted, torch.arange(n_kept, batch, device=self.device), packed, models, caches, seq, mask,
+                        seen)
+            if not kept:
+                for cache in caches:
+                    cache.length = packed
+        rows = [running.rows[i] for i in kept] + admitted if kept else admitted
+        return _Running(rows, seq, mask, seen, caches)
 
-            accepted = num_accepted.tolist()
-            step = min(accepted[i] for i in active)
-            cut_token = next_token if step == k else torch.where(num_accepted > step, drafts[:, step], next_token)
-            committed = torch.cat([drafts[:, :step], cut_token[:, None]], dim=1)
+    def _refill(self, running: _Running, finished: list[int], waiting: deque, models: list) -> bool:
+        """Give the finished rows' slots to waiting prompts in place, the other rows untouched; False when that is
+        not possible (too few waiting prompts to fill them all, or a prompt longer than the columns every cache
+        holds) and the batch must be rebuilt."""
+        prefix = min(cache.length for cache in running.caches)
+        admitted = list(itertools.islice(waiting, len(finished)))
+        if len(admitted) < len(finished) or max(len(row.prompt_token_ids) for row in admitted) - 1 > prefix:
+            return False
+        for _ in admitted:
+            waiting.popleft()
+        slots = torch.tensor(finished, device=self.device)
+        running.mask[slots] = 0
+        if running.seen is not None:
+            running.seen[slots] = False
+        self._admit(admitted, slots, prefix, models, running.caches, running.seq, running.mask, running.seen)
+        for slot, row in zip(finished, admitted):
+            running.rows[slot] = row
+        running.refilled = True
+        return True
 
-            seq = torch.cat([seq, committed], dim=1)
-            mask = torch.cat([mask, torch.ones_like(committed)], dim=1)
-            target_cache.crop(n + step)
-            if use_draft:
-                draft_cache.crop(min(draft_cache.length, n + step))
-                if k:
-                    controller.update([accepted[i] for i in active], k)
-            if penalise:
-                seen.scatter_(1, committed, True)
+    def _admit(self, admitted: list[_Row], slots: torch.Tensor, end: int, models: list, caches: list,
+               seq: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor | None) -> None:
+        """Prefill new prompts together and write them into empty slots: all but their last token right-aligned to
+        column `end` (their cache columns too), the last token in the last column; what lies between stays masked."""
+        prompt_len = max(len(row.prompt_token_ids) for row in admitted)
+        new_seq, new_mask = self._left_padded([row.prompt_token_ids for row in admitted], prompt_len)
+        start = end - (prompt_len - 1)
+        seq[slots, start:end], mask[slots, start:end] = new_seq[:, :-1], new_mask[:, :-1]
+        seq[slots, -1], mask[slots, -1] = new_seq[:, -1], 1
+        for model, cache in zip(models, caches):
+            fresh = self._new_cache(model, len(admitted), prompt_len)
+            self._prefill(model, new_seq, new_mask, fresh)
+            for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
+                tensor[slots, :, start:end] = fresh_tensor[:, :, : prompt_len - 1]
+        if seen is not None:
+            vocab = self.target.config.vocab_size
+            seen[slots] = seen[slots].scatter(1, torch.where(new_mask.bool(), new_seq, vocab), True)
 
-            committed_rows = committed.tolist()
-            for i in active:
-                row = rows[i]
-                row.stats.target_steps += 1
-                row.stats.drafted_tokens += k
-                row.stats.accepted_drafts += accepted[i]
-                before = len(row.token_ids)
-                self._commit(row, committed_rows[i], settings, stop_ids)
-                row.stats.accepted_lengths.append(len(row.token_ids) - before)
+    def _left_padded(self, prompts: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = torch.full((len(prompts), length), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long, device=self.device)
+        for i, prompt in enumerate(prompts):
+            seq[i, length - len(prompt) :] = torch.tensor(prompt)
+            mask[i, length - len(prompt) :] = 1
+        return seq, mask
+
+    def _step(self, running: _Running, k: int, settings: GenerationSettings, generator: torch.Generator,
+              stop_ids: set[int]) -> list[int]:
+        """One target forward pass: k drafts per row verified, each row committing its own share; the accepted counts."""
+        target_cache, draft_cache = running.caches[0], (running.caches[1] if len(running.caches) > 1 else None)
+        seq, mask, seen = running.seq, running.mask, running.seen
+        batch, n = seq.shape
+        # The mask and positions of the committed sequence plus k drafts, shared by the draft and the target.
+        full_mask = torch.cat([mask, mask.new_ones((batch, k))], dim=1)
+        padded = running.refilled or not bool(full_mask.all())
+        positions = (full_mask.cumsum(-1) - 1).clamp_(min=0)
+        drafts, draft_probs = self._propose(k, seq, full_mask, positions, padded, draft_cache, seen, settings,
+                                            generator)
+        logits = self._forward(
+            self.target, torch.cat([seq, drafts], dim=1)[:, target_cache.length :], full_mask, target_cache,
+            last=k + 1, positions=positions, padded=padded,
+        )
+        vocab = self.target.config.vocab_size
+        target_seen = None
+        if seen is not None:  # position j of the verification has seen the drafts before it
+            drafted = torch.zeros((batch, k + 1, vocab + 1), dtype=torch.int32, device=self.device)
+            drafted[:, 1:].scatter_(2, drafts[:, :, None], 1)
+            target_seen = (seen[:, None, :] | (drafted.cumsum(dim=1) > 0))[..., :vocab]
+        target_probs = logits_to_probs(logits, settings, target_seen)
+
+        if k == 0:
+            num_accepted = torch.zeros(batch, dtype=torch.long, device=self.device)
+            next_token = sample(target_probs[:, 0], settings.greedy, generator)
+        elif settings.greedy:
+            num_accepted, next_token = verify_greedy(drafts, target_probs)
+        else:
+            num_accepted, next_token = verify_sampling(drafts, torch.stack(draft_probs, 1), target_probs, generator)
+
+        # Each row keeps its accepted drafts; the target's token goes in the column after the longest accepted
+        # prefix, and a row that accepted fewer masks its rejected drafts before it. Columns past that are cropped.
+        accepted = num_accepted.tolist()
+        longest = max(accepted)
+        kept_drafts = torch.arange(longest, device=self.device) < num_accepted[:, None]
+        running.seq = torch.cat([seq, drafts[:, :longest], next_token[:, None]], dim=1)
+        running.mask = torch.cat([mask, kept_drafts.long(), mask.new_ones((batch, 1))], dim=1)
+        target_cache.crop(n + longest)
+        if draft_cache is not None:
+            draft_cache.crop(min(draft_cache.length, n + longest))
+        if seen is not None:
+            committed = torch.cat([torch.where(kept_drafts, drafts[:, :longest], vocab), next_token[:, None]], dim=1)
+            seen.scatter_(1, committed, True)
+
+        draft_rows, next_tokens = drafts.tolist(), next_token.tolist()
+        for i, row in enumerate(running.rows):
+            row.stats.target_steps += 1
+            row.stats.drafted_tokens += k
+            row.stats.accepted_drafts += accepted[i]
+            before = len(row.token_ids)
+            self._commit(row, draft_rows[i][: accepted[i]] + [next_tokens[i]], settings, stop_ids)
+            row.stats.accepted_lengths.append(len(row.token_ids) - before)
+        return accepted
 
     def _propose(self, k, seq, full_mask, positions, padded, draft_cache, seen, settings, generator):
         """Draft k tokens per row, one draft forward each; returns them [B, k] and their distributions.

@@ -67,14 +67,18 @@ def verify_sampling(
 
 
 class DraftLengthController:
-    """Chooses the number of drafted tokens k from the running acceptance rate.
+    """Chooses the number of drafted tokens k for each step, k = 0 (plain decoding) where speculation does not pay.
 
-    With per-token acceptance rate a, a step with k drafts commits (1 - a^(k+1)) / (1 - a) tokens on average and
-    costs k * (c + v) + 1 target-forward equivalents (c = draft step cost / target step cost, v = the target's extra
-    cost per additional verified token / its one-token step cost: about 0 where a step is bound by reading the
-    weights, as on a GPU; CPUs reach their compute bound after a few tokens); k maximises their ratio.
-    The rate is a decayed count of accepted drafts over accepted drafts plus rejections, so it follows the
-    text being generated; it starts from a weak prior centred on `prior_rate`.
+    With per-token acceptance rate a, a row drafting k tokens commits (1 - a^(k+1)) / (1 - a) tokens on average
+    (each row commits its own share). A step's cost, in one-token target steps, is linear in the tokens each model
+    reads: the target scores B (k + 1) tokens, 1 + v (B (k + 1) - 1), and the draft makes k steps over B rows,
+    c (1 + w (B - 1)) each (c = draft step time / target step time; v, w = extra time per additional token, about 0
+    while a step is bound by reading the weights, as on a GPU at small batches; CPUs reach their compute bound
+    after a few tokens). k maximises committed tokens per unit of cost against plain decoding's B / (1 + v (B - 1)),
+    so the larger the batch the more acceptance speculation needs to pay.
+    The rate is a decayed count of accepted drafts over accepted drafts plus rejections, so it follows the text
+    being generated; it starts from a weak prior centred on `prior_rate`. A step without drafts measures nothing,
+    so after probe_interval of them one step drafts again.
     """
 
     def __init__(
@@ -89,19 +93,23 @@ class DraftLengthController:
         prior_rate: float = 0.7,
         prior_weight: float = 2.0,
         verify_cost_ratio: float = 0.0,
+        draft_token_cost_ratio: float = 0.0,
+        probe_interval: int = 16,
     ):
         if not 1 <= minimum <= initial <= maximum:
             raise ValueError(f"need 1 <= minimum ({minimum}) <= initial ({initial}) <= maximum ({maximum})")
-        if cost_ratio < 0:
-            raise ValueError(f"cost_ratio must be >= 0, got {cost_ratio}")
-        if verify_cost_ratio < 0:
-            raise ValueError(f"verify_cost_ratio must be >= 0, got {verify_cost_ratio}")
-        self.k = initial
-        self.minimum, self.maximum = minimum, maximum
+        for name, value in (("cost_ratio", cost_ratio), ("verify_cost_ratio", verify_cost_ratio),
+                            ("draft_token_cost_ratio", draft_token_cost_ratio)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.initial, self.minimum, self.maximum = initial, minimum, maximum
         self.cost_ratio = cost_ratio
         self.verify_cost_ratio = verify_cost_ratio
+        self.draft_token_cost_ratio = draft_token_cost_ratio
         self.adaptive = adaptive
         self.decay = decay
+        self.probe_interval = probe_interval
+        self.steps_without_drafts = 0
         self.accepted = prior_rate * prior_weight
         self.rejected = (1.0 - prior_rate) * prior_weight
 
@@ -115,16 +123,32 @@ class DraftLengthController:
         rejected = float(sum(1 for n in num_accepted if n < num_drafted))
         self.accepted = self.decay * self.accepted + accepted
         self.rejected = self.decay * self.rejected + rejected
-        if self.adaptive:
-            self.k = self.best_length(self.acceptance_rate)
+
+    def choose(self, batch_size: int) -> int:
+        """k for the next step of a batch of batch_size rows."""
+        if not self.adaptive:
+            return self.initial
+        k = self.best_length(self.acceptance_rate, batch_size)
+        self.steps_without_drafts = self.steps_without_drafts + 1 if k == 0 else 0
+        if self.steps_without_drafts > self.probe_interval:
+            self.steps_without_drafts = 0
+            return self.best_length(self.acceptance_rate, batch_size, allow_plain=False)
+        return k
 
     def expected_tokens(self, rate: float, k: int) -> float:
         if rate >= 1.0:
             return k + 1.0
         return (1.0 - rate ** (k + 1)) / (1.0 - rate)
 
-    def best_length(self, rate: float) -> int:
-        def throughput(k: int) -> float:
-            return self.expected_tokens(rate, k) / (k * (self.cost_ratio + self.verify_cost_ratio) + 1.0)
+    def step_cost(self, batch_size: int, k: int) -> float:
+        """A step's time in one-token target steps: the target over batch_size * (k + 1) tokens, k draft steps."""
+        target = 1.0 + self.verify_cost_ratio * (batch_size * (k + 1) - 1)
+        return target + k * self.cost_ratio * (1.0 + self.draft_token_cost_ratio * (batch_size - 1))
 
-        return max(range(self.minimum, self.maximum + 1), key=lambda k: (throughput(k), -k))
+    def speedup(self, rate: float, batch_size: int, k: int) -> float:
+        """Expected tokens/s of drafting k per step relative to plain decoding at the same batch size."""
+        return self.expected_tokens(rate, k) * self.step_cost(batch_size, 0) / self.step_cost(batch_size, k)
+
+    def best_length(self, rate: float, batch_size: int = 1, allow_plain: bool = True) -> int:
+        candidates = ([0] if allow_plain else []) + list(range(self.minimum, self.maximum + 1))
+        return max(candidates, key=lambda k: (self.speedup(rate, batch_size, k), -k))
