@@ -46,6 +46,7 @@ def s3_env():
 
     import ray
     from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
 
     from core.storage import location
 
@@ -59,9 +60,10 @@ def s3_env():
            "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
+    S3FileSystem.clear_instance_cache()  # an instance made for an earlier module's server keeps that endpoint
     ray.shutdown()
     try:
-        location("s3://crawl-bucket").fs.mkdir("crawl-bucket")
+        location("s3://crawl-bucket").fs.makedirs("crawl-bucket", exist_ok=True)  # moto keeps buckets per process
         yield env
     finally:
         ray.shutdown()
@@ -70,4 +72,5 @@ def s3_env():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        S3FileSystem.clear_instance_cache()
         server.stop()
