@@ -3,12 +3,21 @@
 Each rule set applies to the languages it is configured for (the rules are word-based and tuned for English by
 default); a document in another language passes it untouched. Thresholds go to the datatrove class unchanged, so
 the names in the YAML are the names in datatrove's documentation.
+
+The decisions are datatrove's, word for word, at a fraction of its cost (tests/test_heuristics.py holds them to
+datatrove's own classes on real pages; benchmarks/ingest.py times both). Two things made these rules most of an
+ingest's time: datatrove splits words with spaCy inside a memory zone, so every token of every document builds a
+fresh lexeme, and its C4 rules run spaCy's sentencizer on every kept line of a document to count sentences up to a
+minimum of five. ``CachedWordTokenizer`` splits words once per distinct whitespace-separated chunk (what spaCy's
+own tokenizer cache assumes: a chunk's tokens do not depend on its neighbours), and ``C4Rules`` stops counting
+sentences once the minimum is reached.
 """
 
 from __future__ import annotations
 
 import inspect
 import typing
+from functools import cache
 from typing import Any, Literal
 
 from datatrove.data import Document
@@ -18,10 +27,118 @@ from datatrove.pipeline.filters import (
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
+from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, ELLIPSIS, END_PUNCTUATION, POLICY_SUBSTRINGS
+from datatrove.utils.text import split_into_sentences
+from datatrove.utils.word_tokenizers import SpaCyTokenizer, WordTokenizer, load_word_tokenizer
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from core.config import Strict
 from stages.base import Stage
+
+
+class CachedWordTokenizer(WordTokenizer):
+    """datatrove's word tokenizer for a language, with the words of each whitespace-separated chunk computed once.
+
+    Only for spaCy's rule-based tokenizers, which split text at whitespace and then each chunk on its own (prefixes,
+    suffixes, infixes, exceptions): a chunk's words are the same wherever it occurs, so a document's words are the
+    concatenation of its chunks' words. The chunks a document brings that are not known yet are tokenized in one
+    spaCy call, joined by single spaces (a token never spans a space). Other tokenizers (jieba, MeCab, ...) are
+    called as datatrove calls them. Sentences always come from datatrove's tokenizer.
+    """
+
+    max_cached_chunks = 1 << 18  # about 60 MB of chunks and words; the cache starts over when full
+
+    def __init__(self, language: str):
+        super().__init__(language)
+        self.datatrove = load_word_tokenizer(language)
+        self.nlp = None
+        if isinstance(self.datatrove, SpaCyTokenizer) and self.datatrove.language != "ja":
+            import spacy
+
+            config = self.datatrove.config
+            self.nlp = spacy.blank(language, config=config) if config is not None else spacy.blank(language)
+            if type(self.nlp.tokenizer).__name__ != "Tokenizer":  # a segmenter (zh, ko...): not chunk by chunk
+                self.nlp = None
+        self.chunk_words: dict[str, tuple[str, ...]] = {}
+
+    def word_tokenize(self, text: str) -> list[str]:
+        if self.nlp is None:
+            return self.datatrove.word_tokenize(text)
+        try:
+            return self._chunked_words(text)
+        except Exception:
+            if "IS_ALPHA" in text:  # a string that breaks spaCy: datatrove retries without it, so do we
+                return self._chunked_words(text.replace("IS_ALPHA", ""))
+            raise
+
+    def _chunked_words(self, text: str) -> list[str]:
+        chunks = text.split()
+        known = self.chunk_words
+        unknown = [chunk for chunk in dict.fromkeys(chunks) if chunk not in known]
+        if len(known) + len(unknown) > self.max_cached_chunks:
+            known.clear()
+            unknown = list(dict.fromkeys(chunks))
+        if unknown:
+            joined = " ".join(unknown)
+            words: list[str] = []
+            position = 0
+            with self.nlp.memory_zone():
+                self.nlp.max_length = len(joined) + 10
+                for token in self.nlp.tokenizer(joined):
+                    words.append(token.text)
+                    if token.whitespace_ or token.i == len(token.doc) - 1:
+                        known[unknown[position]] = tuple(words)
+                        words, position = [], position + 1
+        return [word for chunk in chunks for word in known[chunk]]
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return self.datatrove.sent_tokenize(text)
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return self.datatrove.span_tokenize(text)
+
+
+@cache
+def cached_word_tokenizer(language: str) -> CachedWordTokenizer:
+    """One per language and process, shared by every rule set (so a document's chunks are tokenized once)."""
+    return CachedWordTokenizer(language)
+
+
+class C4Rules(C4QualityFilter):
+    """datatrove's C4 rules, counting sentences only until ``min_num_sentences``: beyond it the count decides
+    nothing, and counting meant a sentencizer run per kept line."""
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        lines = doc.text.splitlines() if self.split_paragraph else split_into_sentences(doc.text, self.language)
+        sentences, kept_lines = 0, []
+        for line in lines:
+            line = line.strip()
+            words = line.split()
+            if self.max_word_length != -1 and any(len(word) > self.max_word_length for word in words):
+                continue
+            if self.remove_citations:
+                line = CITATION_REGEX.sub("", line)
+            if self.filter_no_terminal_punct and (not line.endswith(END_PUNCTUATION) or line.endswith(ELLIPSIS)):
+                continue
+            if len(words) < self.min_words_per_line:
+                continue
+            lowered = line.lower()
+            if self.filter_lorem_ipsum and "lorem ipsum" in lowered:
+                return False, "lorem_ipsum"
+            if self.filter_javascript and "javascript" in lowered:
+                continue
+            if self.filter_curly_bracket and "{" in line:
+                return False, "curly_bracket"
+            if self.filter_policy and any(p in lowered for p in POLICY_SUBSTRINGS):
+                continue
+            if sentences < self.min_num_sentences:
+                sentences += len(split_into_sentences(line, self.language)) if self.split_paragraph else 1
+            kept_lines.append(line)
+        if self.min_num_sentences != -1 and sentences < self.min_num_sentences:
+            return False, "too_few_sentences"
+        doc.text = ("\n" if self.split_paragraph else " ").join(kept_lines).strip()
+        return True
+
 
 FILTER_CLASSES = {
     "gopher_repetition": GopherRepetitionFilter,
@@ -88,8 +205,9 @@ class HeuristicFilter(Stage):
     def __init__(self, config: FilterConfig, accounting=None):
         super().__init__(accounting)
         self.name = f"filter_{config.kind}"
+        rules = C4Rules if config.kind == "c4" else FILTER_CLASSES[config.kind]
         self.filters = {
-            language: FILTER_CLASSES[config.kind](language=language, **config.params) for language in config.languages
+            language: rules(language=cached_word_tokenizer(language), **config.params) for language in config.languages
         }
 
     def process(self, doc: Document) -> Document | None:

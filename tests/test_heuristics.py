@@ -1,0 +1,67 @@
+"""Our heuristic filters against datatrove's own classes on real web text: the same decision, the same reason, the
+same text afterwards (C4 rewrites it), for every document; and the cached word tokenizer against datatrove's."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from itertools import islice
+
+import pytest
+from datatrove.data import Document
+from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+from pipelines.config import load_config
+from stages.heuristics import FILTER_CLASSES, CachedWordTokenizer, FilterConfig, HeuristicFilter
+
+
+@pytest.fixture(scope="module")
+def web_texts(shared_data) -> list[str]:
+    """Real extracted web pages (Dolma's CC-MAIN-2019-30 excerpt) and WET plain text, some with their lines
+    repeated so the repetition rules fire, some cut short so the length rules do."""
+    with gzip.open(shared_data / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz", "rt") as lines:
+        texts = [json.loads(line)["text"] for line in islice(lines, 160)]
+    texts += [text + "\n" + "\n".join(text.splitlines()[:8]) for text in texts[:20]]
+    texts += [" ".join(text.split()[:40]) for text in texts[20:30]]
+    texts += ["Nous avons\u00a0vu\tle chat\u2003noir. IS_ALPHA est là.\n\n\n(don't) U.S.A. e-mail: a@b.io :-)"]
+    return texts
+
+
+def test_cached_word_tokenizer_equals_datatrove(web_texts):
+    datatrove = load_word_tokenizer("en")
+    ours = CachedWordTokenizer("en")
+    ours.max_cached_chunks = 3000  # the cache starts over many times along the way
+    for text in web_texts:
+        assert ours.word_tokenize(text) == datatrove.word_tokenize(text)
+    assert 0 < len(ours.chunk_words) <= 3000
+
+
+def test_filters_decide_as_datatrove(web_texts):
+    config, _ = load_config()
+    variants = [*config.filters,
+                FilterConfig(kind="c4", params={"split_paragraph": False}),
+                FilterConfig(kind="c4", params={"min_num_sentences": 0, "filter_no_terminal_punct": True}),
+                FilterConfig(kind="gopher_repetition", params={"dup_line_frac": None, "dup_para_frac": None,
+                                                               "dup_line_char_frac": None, "dup_para_char_frac": None})]
+    outcomes: dict[str, set] = {}
+    for filter_config in variants:
+        ours = HeuristicFilter(filter_config)
+        reference = FILTER_CLASSES[filter_config.kind](language="en", **filter_config.params)
+        expected_drops: Counter = Counter()
+        for number, text in enumerate(web_texts):
+            expected = Document(text=text, id=str(number), metadata={"language": "en"})
+            verdict = reference.filter(expected)
+            expected_keep, expected_reason = verdict if isinstance(verdict, tuple) else (verdict, None)
+            doc = Document(text=text, id=str(number), metadata={"language": "en"})
+            kept = ours.process(doc)
+            assert (kept is not None) == expected_keep, (filter_config.kind, number)
+            if expected_keep:
+                assert kept.text == expected.text, (filter_config.kind, number)
+            else:
+                expected_drops[expected_reason] += 1
+            outcomes.setdefault(filter_config.kind, set()).add(expected_reason)
+        assert dict(ours.accounting.dropped[ours.name]) == dict(expected_drops)
+    # the comparison covers both outcomes of every rule set, and more than one reason of the Gopher rules
+    assert all(None in reasons and len(reasons) >= 2 for reasons in outcomes.values()), outcomes
+    assert len(outcomes["gopher_quality"]) >= 3 and len(outcomes["gopher_repetition"]) >= 3, outcomes
