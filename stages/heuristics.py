@@ -9,15 +9,18 @@ datatrove's own classes on real pages; benchmarks/ingest.py times both). Two thi
 ingest's time: datatrove splits words with spaCy inside a memory zone, so every token of every document builds a
 fresh lexeme, and its C4 rules run spaCy's sentencizer on every kept line of a document to count sentences up to a
 minimum of five. ``CachedWordTokenizer`` splits words once per distinct whitespace-separated chunk (what spaCy's
-own tokenizer cache assumes: a chunk's tokens do not depend on its neighbours), and ``C4Rules`` stops counting
-sentences once the minimum is reached.
+own tokenizer cache assumes: a chunk's tokens do not depend on its neighbours), ``C4Rules`` stops counting
+sentences once the minimum is reached, and ``GopherRepetitionRules`` builds its n-grams in one pass.
 """
 
 from __future__ import annotations
 
 import inspect
 import typing
+from collections import Counter
+from collections.abc import Iterator
 from functools import cache
+from itertools import islice
 from typing import Any, Literal
 
 from datatrove.data import Document
@@ -28,7 +31,8 @@ from datatrove.pipeline.filters import (
     GopherRepetitionFilter,
 )
 from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, ELLIPSIS, END_PUNCTUATION, POLICY_SUBSTRINGS
-from datatrove.utils.text import split_into_sentences
+from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
+from datatrove.utils.text import split_into_sentences, split_into_words
 from datatrove.utils.word_tokenizers import SpaCyTokenizer, WordTokenizer, load_word_tokenizer
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
@@ -104,6 +108,59 @@ def cached_word_tokenizer(language: str) -> CachedWordTokenizer:
     return CachedWordTokenizer(language)
 
 
+def ngrams(words: list[str], n: int, separator: str) -> Iterator[str]:
+    return map(separator.join, zip(*(islice(words, start, None) for start in range(n))))
+
+
+def repeated_ngram_chars(words: list[str], n: int) -> int:
+    """datatrove's ``find_all_duplicate``: characters in n-grams (joined without spaces, as datatrove joins them)
+    seen before, jumping past each repeat; the n-grams are built in one pass instead of a slice per position."""
+    grams = list(ngrams(words, n, ""))
+    seen: set[str] = set()
+    repeated = position = 0
+    while position < len(grams):
+        gram = grams[position]
+        if gram in seen:
+            repeated += len(gram)
+            position += n
+        else:
+            seen.add(gram)
+            position += 1
+    return repeated
+
+
+class GopherRepetitionRules(GopherRepetitionFilter):
+    """datatrove's Gopher repetition rules with the n-gram counts done in C (``Counter`` over one ``map``)."""
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        text = doc.text
+        if not text:
+            return False, "empty"
+        paragraphs = self.paragraph_exp.split(text.strip())
+        repeats, chars = find_duplicates(paragraphs)
+        if self.dup_para_frac and repeats / len(paragraphs) > self.dup_para_frac:
+            return False, "dup_para_frac"
+        if self.dup_para_char_frac and chars / len(text) > self.dup_para_char_frac:
+            return False, "dup_para_char_frac"
+        lines = self._line_splitter.split(text)
+        repeats, chars = find_duplicates(lines)
+        if self.dup_line_frac and repeats / len(lines) > self.dup_line_frac:
+            return False, "dup_line_frac"
+        if self.dup_line_char_frac and chars / len(text) > self.dup_line_char_frac:
+            return False, "dup_line_char_frac"
+        words = split_into_words(text, self.language)
+        for n, share in self.top_n_grams:
+            if len(words) >= n:
+                # most_common keeps the first n-gram seen among equally frequent ones, as datatrove's does
+                gram, count = Counter(ngrams(words, n, " ")).most_common(1)[0]
+                if len(gram) * count / len(text) > share:
+                    return False, f"top_{n}_gram"
+        for n, share in self.dup_n_grams:
+            if repeated_ngram_chars(words, n) / len(text) > share:
+                return False, f"duplicated_{n}_n_grams"
+        return True
+
+
 class C4Rules(C4QualityFilter):
     """datatrove's C4 rules, counting sentences only until ``min_num_sentences``: beyond it the count decides
     nothing, and counting meant a sentencizer run per kept line."""
@@ -146,6 +203,7 @@ FILTER_CLASSES = {
     "c4": C4QualityFilter,
     "fineweb": FineWebQualityFilter,
 }
+FAST_RULES = {"gopher_repetition": GopherRepetitionRules, "c4": C4Rules}
 _NOT_THRESHOLDS = {"self", "exclusion_writer", "language", "batch_size"}
 _FRACTION_WORDS = ("ratio", "frac", "thr", "grams")  # thresholds on shares of a document: at most 1
 
@@ -205,7 +263,7 @@ class HeuristicFilter(Stage):
     def __init__(self, config: FilterConfig, accounting=None):
         super().__init__(accounting)
         self.name = f"filter_{config.kind}"
-        rules = C4Rules if config.kind == "c4" else FILTER_CLASSES[config.kind]
+        rules = FAST_RULES.get(config.kind, FILTER_CLASSES[config.kind])
         self.filters = {
             language: rules(language=cached_word_tokenizer(language), **config.params) for language in config.languages
         }
