@@ -11,9 +11,9 @@ decodes a WARC payload without an HTTP header (the page's charset, else UTF-8, e
 charset decodes are quarantined by the reader, so they count as no text for every engine.
 
 The pages are split once by a hash of the file name: a third is held out (``held-out``), the rest (``dev``) is what
-the ``resiliparse_pruned`` rules were looked at against. Speed is pages/s in this one process (one core), every
-engine on the same decoded strings, the engines taking turns page by page; ratios against trafilatura in the same
-run.
+the ``resiliparse_pruned`` rules and the ``hybrid``'s fallback threshold were looked at against. Speed is pages/s in
+this one process (one core), every engine on the same decoded strings, the engines taking turns page by page; ratios
+against trafilatura in the same run. For ``hybrid`` the share of pages it handed to trafilatura is printed under its rows.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ DATA = REPO / ".." / "shared" / "data"
 PAGES = DATA / "html/trafilatura-eval-pages.tar.gz"
 ANNOTATIONS = DATA / "html/trafilatura-evaldata.json"
 CRAWL = DATA / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz"
-ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned")
+ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid")
 
 
 def is_held_out(file_name: str) -> bool:
@@ -71,9 +71,9 @@ def scores(counts: list[tuple[int, int, int]]) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12)}
 
 
-def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) -> dict[str, tuple[list, float]]:
-    """Every engine's text of every page and its pages/s. The engines take turns page by page, so a change in the
-    load of a shared machine falls on all of them alike; the fastest of ``repeat`` passes over a page counts."""
+def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) -> dict[str, tuple[list, float, object]]:
+    """Every engine's text of every page, its pages/s and the engine. The engines take turns page by page, so a change
+    in the load of a shared machine falls on all of them alike; the fastest of ``repeat`` passes over a page counts."""
     from stages.extract import ExtractConfig, build_engine
 
     engines = {name: build_engine(ExtractConfig(engine=name)) for name in names}
@@ -88,7 +88,7 @@ def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) ->
                 fastest = min(fastest, time.perf_counter() - started)
             texts[name].append(text)
             seconds[name] += fastest
-    return {name: (texts[name], len(pages) / seconds[name]) for name in names}
+    return {name: (texts[name], len(pages) / seconds[name], engines[name]) for name in names}
 
 
 def langid_speed(repeat: int) -> None:
@@ -132,7 +132,7 @@ def main() -> None:
     print(f"{'engine':<20} {'split':<9} {'precision':>9} {'recall':>7} {'F1':>6} {'pages/s':>8} {'speed':>7}")
     results = run_engines(args.engines, pages, args.repeat)
     base = results["trafilatura"][1] if "trafilatura" in results else None
-    for engine, (texts, speed) in results.items():
+    for engine, (texts, speed, extractor) in results.items():
         counts = [snippet_counts(entry, text) for (entry, _), text in zip(pages, texts)]
         ratio = f"{speed / base:6.1f}x" if base else "      -"
         for split, chosen in (("all", counts), ("dev", [c for c, h in zip(counts, held_out) if not h]),
@@ -140,6 +140,8 @@ def main() -> None:
             score = scores(chosen)
             shown = f"{speed:8.1f} {ratio}" if split == "all" else ""
             print(f"{engine:<20} {split:<9} {score['precision']:9.3f} {score['recall']:7.3f} {score['f1']:6.3f} {shown}")
+        if hasattr(extractor, "fallbacks"):
+            print(f"{'':<20} trafilatura ran on {extractor.fallbacks / extractor.pages:.1%} of the pages")
     langid_speed(max(args.repeat, 3))
 
 
