@@ -45,8 +45,9 @@ class ExtractConfig(Strict):
 
 
 class TrafilaturaEngine:
-    def __init__(self, config: ExtractConfig):
-        self.extractor = Trafilatura(favour_precision=config.favour_precision, deduplicate=config.deduplicate)
+    def __init__(self, config: ExtractConfig, fast: bool = False):
+        # fast: trafilatura's own result only, without comparing it to readability's and jusText's
+        self.extractor = Trafilatura(favour_precision=config.favour_precision, deduplicate=config.deduplicate, fast=fast)
 
     def extract(self, html: str) -> str | None:
         return self.extractor.extract(html)
@@ -86,8 +87,9 @@ _LEGAL = re.compile(r"©|\ball rights reserved\b|\bcopyright\b|\bcookies?\b", re
 # A line mostly made of link text is navigation or a teaser (jusText's and trafilatura's link-density test)
 MAX_LINK_SHARE = 0.5
 LINK_START, LINK_END = "\ue000", "\ue001"  # private-use characters: no page text means anything by them
-_LINK_OPEN = re.compile(r"<a\b[^<>]*>", re.IGNORECASE)  # [^<>]: a broken tag ends at the next one, not the page's end
-_LINK_CLOSE = re.compile(r"</a(?=\s*>)", re.IGNORECASE)
+# [^<>]: a broken tag ends at the next one, not the page's end; [aA] rather than IGNORECASE, which re scans slower
+_LINK_OPEN = re.compile(r"<[aA]\b[^<>]*>")
+_LINK_CLOSE = re.compile(r"</[aA](?=\s*>)")
 _LINK_MARK = re.compile(f"([{LINK_START}{LINK_END}])")
 # A paragraph: a full sentence of at least this many words; a short line right before one is its heading
 PARAGRAPH_WORDS = 10
@@ -148,10 +150,10 @@ class PrunedResiliparse:
             nodes = tree.document.query_selector_all(selector)
             if len(nodes) == 0:
                 continue
-            container = max(nodes, key=lambda node: len(node.text))
-            if len(container.text) < MIN_CONTAINER_SHARE * page_chars:
+            chars = [len(node.text) for node in nodes]  # .text walks the subtree each time: once a node
+            if max(chars) < MIN_CONTAINER_SHARE * page_chars:
                 continue
-            text = extract_plain_text(container.html, **self.options)
+            text = extract_plain_text(nodes[chars.index(max(chars))].html, **self.options)
             if len(text) >= MIN_CONTAINER_CHARS:
                 return text
         return extract_plain_text(tree, **self.options)
@@ -180,7 +182,9 @@ class HybridExtractor:
 
     def __init__(self, config: ExtractConfig):
         self.cheap = PrunedResiliparse(config)
-        self.fallback = TrafilaturaEngine(config)
+        # fast: on these pages the comparison with readability and jusText changed no snippet's verdict on the dev
+        # pages (F1 0.918 either way) and costs 1.6x the time
+        self.fallback = TrafilaturaEngine(config, fast=True)
         self.min_confident_chars = config.min_confident_chars
         self.pages = self.fallbacks = 0
 
