@@ -13,7 +13,9 @@ charset decodes are quarantined by the reader, so they count as no text for ever
 The pages are split once by a hash of the file name: a third is held out (``held-out``), the rest (``dev``) is what
 the ``resiliparse_pruned`` rules and the ``hybrid``'s fallback threshold were looked at against. Speed is pages/s in
 this one process (one core), every engine on the same decoded strings, the engines taking turns page by page; ratios
-against trafilatura in the same run. For ``hybrid`` the share of pages it handed to trafilatura is printed under its rows.
+against trafilatura in the same run. For ``hybrid`` the share of pages it handed to trafilatura is printed under its
+rows, and again for the real Common Crawl responses of ``crawl/CC-MAIN-2020-34-excerpt.warc.gz`` with its speed
+there (those pages have no annotations: no F1).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DATA = REPO / ".." / "shared" / "data"
 PAGES = DATA / "html/trafilatura-eval-pages.tar.gz"
 ANNOTATIONS = DATA / "html/trafilatura-evaldata.json"
 CRAWL = DATA / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz"
+CC_WARC = DATA / "crawl/CC-MAIN-2020-34-excerpt.warc.gz"
 ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid")
 
 
@@ -91,6 +94,20 @@ def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) ->
     return {name: (texts[name], len(pages) / seconds[name], engines[name]) for name in names}
 
 
+def crawl_fallback_share(repeat: int) -> None:
+    """The hybrid on real Common Crawl responses (home pages, shops, forums as well as articles): how often it falls
+    back there, and its speed against trafilatura on the same pages. No annotations: no F1."""
+    from stages.readers import InputReader, ReadConfig
+
+    pages = [(None, doc.text) for doc in InputReader(CC_WARC, "warc", "cc", ReadConfig()).run()
+             if doc.metadata["kind"] == "html"]
+    results = run_engines(["trafilatura", "hybrid"], pages, repeat)
+    (_, base, _), (_, speed, hybrid) = results["trafilatura"], results["hybrid"]
+    print(f"\nhybrid on the {len(pages)} CC responses of {CC_WARC.name}: trafilatura ran on "
+          f"{hybrid.fallbacks / hybrid.pages:.0%} of them; {speed:.1f} pages/s vs trafilatura {base:.1f} "
+          f"({speed / base:.1f}x)")
+
+
 def langid_speed(repeat: int) -> None:
     from stages.langid import LangIdConfig, LanguageIdentifier
 
@@ -142,6 +159,8 @@ def main() -> None:
             print(f"{engine:<20} {split:<9} {score['precision']:9.3f} {score['recall']:7.3f} {score['f1']:6.3f} {shown}")
         if hasattr(extractor, "fallbacks"):
             print(f"{'':<20} trafilatura ran on {extractor.fallbacks / extractor.pages:.1%} of the pages")
+    if "hybrid" in args.engines:
+        crawl_fallback_share(args.repeat)
     langid_speed(max(args.repeat, 3))
 
 
