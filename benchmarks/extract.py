@@ -15,8 +15,8 @@ the ``resiliparse_pruned`` rules and the ``hybrid``'s fallback threshold were lo
 this one process (one core), every engine on the same decoded strings, the engines taking turns page by page; ratios
 against trafilatura in the same run. For ``hybrid`` the share of pages it handed to trafilatura is printed under its
 rows, and again for the real Common Crawl responses of ``crawl/CC-MAIN-2020-34-excerpt.warc.gz`` with its speed
-there (those pages have no annotations: no F1). Under each engine but trafilatura: a 95% paired-bootstrap interval of its F1
-gap to trafilatura, all pages and held-out.
+there (those pages have no annotations: no F1). Under each engine but trafilatura: a 95% paired-bootstrap interval
+of its F1 gap to trafilatura, all pages and held-out.
 """
 
 from __future__ import annotations
