@@ -11,9 +11,12 @@ decodes a WARC payload without an HTTP header (the page's charset, else UTF-8, e
 charset decodes are quarantined by the reader, so they count as no text for every engine.
 
 The pages are split once by a hash of the file name: a third is held out (``held-out``), the rest (``dev``) is what
-the ``resiliparse_pruned`` rules were looked at against. Speed is pages/s in this one process (one core), every
-engine on the same decoded strings, the engines taking turns page by page; ratios against trafilatura in the same
-run.
+the ``resiliparse_pruned`` rules and the ``hybrid``'s fallback threshold were looked at against. Speed is pages/s in
+this one process (one core), every engine on the same decoded strings, the engines taking turns page by page; ratios
+against trafilatura in the same run. For ``hybrid`` the share of pages it handed to trafilatura is printed under its
+rows, and again for the real Common Crawl responses of ``crawl/CC-MAIN-2020-34-excerpt.warc.gz`` with its speed
+there (those pages have no annotations: no F1). Under each engine but trafilatura: a 95% paired-bootstrap interval
+of its F1 gap to trafilatura, all pages and held-out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import random
 import sys
 import tarfile
 import time
@@ -33,7 +37,8 @@ DATA = REPO / ".." / "shared" / "data"
 PAGES = DATA / "html/trafilatura-eval-pages.tar.gz"
 ANNOTATIONS = DATA / "html/trafilatura-evaldata.json"
 CRAWL = DATA / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz"
-ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned")
+CC_WARC = DATA / "crawl/CC-MAIN-2020-34-excerpt.warc.gz"
+ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid")
 
 
 def is_held_out(file_name: str) -> bool:
@@ -71,9 +76,21 @@ def scores(counts: list[tuple[int, int, int]]) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12)}
 
 
-def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) -> dict[str, tuple[list, float]]:
-    """Every engine's text of every page and its pages/s. The engines take turns page by page, so a change in the
-    load of a shared machine falls on all of them alike; the fastest of ``repeat`` passes over a page counts."""
+def f1_gap_interval(counts: list, base_counts: list, pages: list[int], draws: int = 1000) -> tuple[float, float]:
+    """95% interval of (F1 - the baseline's F1), by a paired bootstrap over pages: is a gap more than which pages
+    happen to be in the set? Seeded: the same figures every run."""
+    draw = random.Random(0)
+    gaps = []
+    for _ in range(draws):
+        sample = [draw.choice(pages) for _ in pages]
+        gaps.append(scores([counts[i] for i in sample])["f1"] - scores([base_counts[i] for i in sample])["f1"])
+    gaps.sort()
+    return gaps[int(0.025 * draws)], gaps[int(0.975 * draws) - 1]
+
+
+def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) -> dict[str, tuple[list, float, object]]:
+    """Every engine's text of every page, its pages/s and the engine. The engines take turns page by page, so a change
+    in the load of a shared machine falls on all of them alike; the fastest of ``repeat`` passes over a page counts."""
     from stages.extract import ExtractConfig, build_engine
 
     engines = {name: build_engine(ExtractConfig(engine=name)) for name in names}
@@ -88,7 +105,21 @@ def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) ->
                 fastest = min(fastest, time.perf_counter() - started)
             texts[name].append(text)
             seconds[name] += fastest
-    return {name: (texts[name], len(pages) / seconds[name]) for name in names}
+    return {name: (texts[name], len(pages) / seconds[name], engines[name]) for name in names}
+
+
+def crawl_fallback_share(repeat: int) -> None:
+    """The hybrid on real Common Crawl responses (home pages, shops, forums as well as articles): how often it falls
+    back there, and its speed against trafilatura on the same pages. No annotations: no F1."""
+    from stages.readers import InputReader, ReadConfig
+
+    pages = [(None, doc.text) for doc in InputReader(CC_WARC, "warc", "cc", ReadConfig()).run()
+             if doc.metadata["kind"] == "html"]
+    results = run_engines(["trafilatura", "hybrid"], pages, repeat)
+    (_, base, _), (_, speed, hybrid) = results["trafilatura"], results["hybrid"]
+    print(f"\nhybrid on the {len(pages)} CC responses of {CC_WARC.name}: trafilatura ran on "
+          f"{hybrid.fallbacks / hybrid.pages:.0%} of them; {speed:.1f} pages/s vs trafilatura {base:.1f} "
+          f"({speed / base:.1f}x)")
 
 
 def langid_speed(repeat: int) -> None:
@@ -132,7 +163,9 @@ def main() -> None:
     print(f"{'engine':<20} {'split':<9} {'precision':>9} {'recall':>7} {'F1':>6} {'pages/s':>8} {'speed':>7}")
     results = run_engines(args.engines, pages, args.repeat)
     base = results["trafilatura"][1] if "trafilatura" in results else None
-    for engine, (texts, speed) in results.items():
+    base_counts = ([snippet_counts(entry, text) for (entry, _), text in zip(pages, results["trafilatura"][0])]
+                   if base else None)
+    for engine, (texts, speed, extractor) in results.items():
         counts = [snippet_counts(entry, text) for (entry, _), text in zip(pages, texts)]
         ratio = f"{speed / base:6.1f}x" if base else "      -"
         for split, chosen in (("all", counts), ("dev", [c for c, h in zip(counts, held_out) if not h]),
@@ -140,6 +173,15 @@ def main() -> None:
             score = scores(chosen)
             shown = f"{speed:8.1f} {ratio}" if split == "all" else ""
             print(f"{engine:<20} {split:<9} {score['precision']:9.3f} {score['recall']:7.3f} {score['f1']:6.3f} {shown}")
+        if hasattr(extractor, "fallbacks"):
+            print(f"{'':<20} trafilatura ran on {extractor.fallbacks / extractor.pages:.1%} of the pages")
+        if base and engine != "trafilatura":
+            intervals = [f"{split} [{low:+.3f}, {high:+.3f}]" for split, chosen in
+                         (("all", range(len(pages))), ("held-out", [i for i, h in enumerate(held_out) if h]))
+                         for low, high in [f1_gap_interval(counts, base_counts, list(chosen))]]
+            print(f"{'':<20} F1 - trafilatura's, 95% paired bootstrap over pages: {', '.join(intervals)}")
+    if "hybrid" in args.engines:
+        crawl_fallback_share(args.repeat)
     langid_speed(max(args.repeat, 3))
 
 
