@@ -74,9 +74,8 @@ class StepCost:
     (a step bound by reading the weights, as on a GPU at small batches).
 
     A table rather than a line: on a CPU a pass over a few tokens is bound by reading the weights and a pass over
-    many by compute, so the cost per added token falls as the pass grows (measured on the 19.9M benchmark target:
-    1, 1.9, 2.9, 4.2 at 1, 8, 24, 48 tokens), and a line through the one-token step overprices verification at
-    batch 8 by a third.
+    many by compute, so the cost per added token falls as the pass grows (the 19.9M benchmark target: 1, 1.9, 3.3,
+    4.2 at 1, 8, 32, 48 tokens), and a line through the one-token step overprices verification at batch 8.
     """
 
     def __init__(self, points: Mapping[int, float] | None = None):
