@@ -320,44 +320,44 @@ def point_at(link: Path, directory: Path) -> None:
 
 
 @torch.no_grad()
-def decode_step_seconds(model: MiniCPMForCausalLM, head, *, context: int, steps: int, device: torch.device,
-                        new_tokens: int = 1, batch: int = 1) -> float:
-    """Mean time of one decode step at a fixed cache length: forward, LM head (full or subset), probabilities.
-
-    new_tokens > 1 times a verification step (that many tokens per row scored in one forward pass), batch > 1 a
-    step over that many rows.
-    """
+def decode_step(model: MiniCPMForCausalLM, head, *, batch: int, context: int, device: torch.device):
+    """One decode step over batch rows at a fixed cache length, as a function to time: forward, LM head (full or
+    subset), sampling probabilities."""
     settings = GenerationSettings(temperature=0.7)
-    cache = model.new_cache(batch, context + new_tokens)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context + new_tokens),
-                        generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(batch, context + 1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     model.final_hidden(ids[:, :context], cache=cache)
 
+    @torch.no_grad()
     def step():
         hidden = model.final_hidden(ids[:, context:], cache=cache)
         logits_to_probs(head(hidden).float(), settings)
         cache.crop(context)
 
-    for _ in range(3):
+    return step
+
+
+def best_step_seconds(steps: dict, repeat: int, device: torch.device, blocks: int = 8) -> dict:
+    """Mean time of each step function over `repeat` calls, the best of `blocks` blocks. The blocks of all steps
+    are interleaved, so a burst of other load on the machine slows one block of each rather than all of one."""
+    for step in steps.values():
         step()
-    best = float("inf")
-    for _ in range(8):  # best of eight short blocks: other load on the machine only ever adds time
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / steps)
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(blocks):
+        for key, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeat):
+                step()
+            synchronize(device)
+            best[key] = min(best[key], (time.perf_counter() - start) / repeat)
     return best
 
 
-def extra_token_cost(step_seconds: dict[int, float]) -> float:
-    """Least-squares slope of step time over tokens per step, through the one-token step, per one-token step:
-    the controller's cost of one more token in a forward pass (another row or another verified draft)."""
-    base = step_seconds[1]
-    points = [(n - 1, t / base - 1.0) for n, t in step_seconds.items() if n > 1]
-    return max(sum(x * y for x, y in points) / sum(x * x for x, _ in points), 0.0)
+def relative_costs(step_seconds: dict[int, float]) -> dict[int, float]:
+    """Step times by tokens per step relative to the one-token step: the controller's cost table."""
+    return {n: round(t / step_seconds[1], 4) for n, t in step_seconds.items() if n > 1}
 
 
 def measure(engines: dict, prompts: list[str], settings: GenerationSettings, device, rounds: int,
@@ -448,20 +448,22 @@ def main() -> None:
     context, steps = 64, 10
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    def step_seconds(model, head, tokens: tuple[int, ...]) -> dict[int, float]:
-        return {n: decode_step_seconds(model, head, context=context, steps=steps, device=device, batch=n)
-                for n in tokens}
-
-    target_steps = step_seconds(target, lambda h: h @ target.lm_head_weight().T, (1, 4, 16, 48))
-    full_steps = step_seconds(draft, lambda h: h @ draft.lm_head_weight().T, (1, 4, 16))
-    frspec_steps = step_seconds(draft, FRSpecHead(draft.lm_head_weight(), subset), (1, 4, 16))
-    # The cost model of the adaptive controller, measured: per one-token target step, a draft step and one more
-    # token in a forward pass (~0 where a step is bound by reading the weights; CPUs are compute-bound soon).
-    verify_cost = extra_token_cost(target_steps)
+    # The cost model of the adaptive controller, measured: a target pass by the tokens it reads (rows x (k + 1):
+    # flat while a pass is bound by reading the weights, rising once it is compute-bound, as a CPU soon is), a
+    # draft step against a one-token target step, and a draft step by rows.
+    heads = {
+        "target": (target, lambda h: h @ target.lm_head_weight().T, (1, 2, 4, 8, 16, 32, 64, 128)),
+        "draft_full_vocab": (draft, lambda h: h @ draft.lm_head_weight().T, (1, 2, 4, 8, 16)),
+        "draft_frspec": (draft, FRSpecHead(draft.lm_head_weight(), subset), (1, 2, 4, 8, 16)),
+    }
+    seconds = best_step_seconds({(name, n): decode_step(model, head, batch=n, context=context, device=device)
+                                 for name, (model, head, batches) in heads.items() for n in batches}, steps, device)
+    target_steps, full_steps, frspec_steps = ({n: seconds[name, n] for n in heads[name][2]} for name in heads)
 
     def speculative(steps: dict[int, float], fraction: float) -> SpeculativeConfig:
-        return SpeculativeConfig(draft_cost_ratio=steps[1] / target_steps[1], verify_cost_ratio=verify_cost,
-                                 draft_token_cost_ratio=extra_token_cost(steps), frspec_fraction=fraction,
+        return SpeculativeConfig(draft_cost_ratio=steps[1] / target_steps[1],
+                                 target_step_costs=relative_costs(target_steps),
+                                 draft_step_costs=relative_costs(steps), frspec_fraction=fraction,
                                  max_draft_tokens=10)
 
     engines = {
@@ -496,9 +498,7 @@ def main() -> None:
         print(f"decode step ms, {name}, by tokens per step: "
               + ", ".join(f"{n}: {ms:.2f}" for n, ms in table.items()))
     print(f"FR-Spec draft step {full_steps[1] / frspec_steps[1]:.2f}x faster; controller: draft cost ratio"
-          f" {full_steps[1] / target_steps[1]:.3f} (FR-Spec {frspec_steps[1] / target_steps[1]:.3f}), extra token"
-          f" cost {verify_cost:.3f} (target), {extra_token_cost(full_steps):.3f} / {extra_token_cost(frspec_steps):.3f}"
-          " (draft)")
+          f" {full_steps[1] / target_steps[1]:.3f} (FR-Spec {frspec_steps[1] / target_steps[1]:.3f})")
     for name, settings in runs.items():
         report["runs"][name] = by_batch = {}
         print(f"\n{name}: {len(prompts)} prompts x {settings.max_new_tokens} new tokens through B decoding slots;"

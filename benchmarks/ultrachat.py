@@ -88,11 +88,11 @@ class MeasuredEngine:
 
     def __init__(self, engine: GenerationEngine, static: bool):
         self.engine, self.static, self.target_steps, self.lengths = engine, static, 0, []
+        self.tokenizer, self.target = engine.tokenizer, engine.target
 
     def generate(self, prompts, settings):
-        size = self.engine.max_batch_size if self.static else max(len(prompts), 1)
-        generations = [g for begin in range(0, len(prompts), size)
-                       for g in self.engine.generate(prompts[begin : begin + size], settings)]
+        self.engine.continuous_batching = not self.static
+        generations = self.engine.generate(prompts, settings)
         self.target_steps += sum(g.stats.target_steps for g in generations)
         self.lengths += [len(g.token_ids) for g in generations]
         return generations
@@ -149,12 +149,10 @@ def main() -> None:
     parser.add_argument("--target", help="target checkpoint dir (default: train the pair as benchmarks/generate.py)")
     parser.add_argument("--draft", help="draft checkpoint dir, with FR-Spec counts if it has them")
     parser.add_argument("--temperatures", default="0.7,0", help="comma-separated; 0 is greedy")
-    parser.add_argument("--draft-cost-ratio", type=float, default=None,
-                        help="the controller's draft step / target step (default: from parameter counts)")
-    parser.add_argument("--verify-cost-ratio", type=float, default=0.0,
-                        help="the controller's target cost per extra token (benchmarks/generate.py measures it)")
-    parser.add_argument("--draft-token-cost-ratio", type=float, default=0.0,
-                        help="the controller's draft cost per extra row (benchmarks/generate.py measures it)")
+    parser.add_argument("--costs", type=Path, default=None,
+                        help="generate_benchmark.json of benchmarks/generate.py on the same models and machine: the "
+                        "controller takes the step costs it measured (default: a draft cost from parameter counts, "
+                        "passes bound by reading the weights)")
     args = parser.parse_args()
     os.chdir(REPO)  # the shared data is addressed relative to the repository root
     if args.threads:
@@ -169,9 +167,11 @@ def main() -> None:
         generate = load_generate_benchmark()
         models_args = argparse.Namespace(work_dir=args.work_dir, device=args.device, corpus=str(SHAKESPEARE))
         target_dir, draft_dir = generate.build_models(models_args, generate.SIZES[args.size])
-    engine = GenerationEngine.from_pretrained(target_dir, draft_dir, device=device, speculative=SpeculativeConfig(
-        max_draft_tokens=10, draft_cost_ratio=args.draft_cost_ratio, verify_cost_ratio=args.verify_cost_ratio, draft_token_cost_ratio=args.draft_token_cost_ratio,
-    ), max_batch_size=size["batch_size"])
+    speculative = SpeculativeConfig(max_draft_tokens=10)
+    if args.costs:
+        speculative = SpeculativeConfig(**json.loads(args.costs.read_text())["controller_costs"]["speculative+FR-Spec"])
+    engine = GenerationEngine.from_pretrained(target_dir, draft_dir, device=device, speculative=speculative,
+                                              max_batch_size=size["batch_size"])
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -168,18 +168,26 @@ def test_batches_of_uneven_rows_equal_each_prompt_alone(models, tokenizer, frequ
         assert batch_size == 1 or max(map(len, per_step)) > 1
 
 
-def test_static_batches_take_more_steps_than_continuous(models, tokenizer, uneven_settings):
-    engine = GenerationEngine(models.target, tokenizer, max_batch_size=3)
+def test_static_batches_keep_finished_rows_until_the_batch_ends(models, tokenizer, uneven_settings, uneven_alone):
+    """The static baseline decodes as Hugging Face's generate: each batch of 3 runs, all 3 rows wide, until its
+    longest row ends (one target step per token of that row); continuous batching takes fewer steps, same outputs."""
+    engine = GenerationEngine(models.target, tokenizer, max_batch_size=3, continuous_batching=False)
     sizes, hook = decode_batch_sizes(models.target)
     try:
-        engine.generate(UNEVEN_PROMPTS, uneven_settings)
-        continuous = len(sizes)
-        for begin in range(0, len(UNEVEN_PROMPTS), 3):
-            engine.generate(UNEVEN_PROMPTS[begin : begin + 3], uneven_settings)
+        static = engine.generate(UNEVEN_PROMPTS, uneven_settings)
+        static_sizes = list(sizes)
+        engine.continuous_batching = True
+        continuous = engine.generate(UNEVEN_PROMPTS, uneven_settings)
     finally:
         hook.remove()
-    static = len(sizes) - continuous
-    assert continuous < static
+    lengths = [len(g.token_ids) for g in uneven_alone]
+    expected = [size for begin in range(0, len(lengths), 3)
+                for size in [len(lengths[begin : begin + 3])] * max(lengths[begin : begin + 3])]
+    assert static_sizes == expected
+    assert len(sizes) - len(static_sizes) < len(static_sizes)
+    for alone, a, b in zip(uneven_alone, static, continuous):
+        assert a.token_ids == b.token_ids == alone.token_ids and a.text == alone.text
+        assert a.stats.target_steps == len(alone.token_ids)
 
 
 def test_speculative_sampling_is_deterministic_by_seed(models, tokenizer, frequencies):

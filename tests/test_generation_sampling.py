@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from sft_synth.generation import (
     DraftLengthController,
     GenerationSettings,
+    SpeculativeConfig,
+    StepCost,
     apply_chat_template,
     verify_greedy,
     verify_sampling,
@@ -154,24 +156,39 @@ def test_draft_length_controller_weighs_draft_cost():
     assert cheap > costly >= 1
 
 
+def test_step_cost_interpolates_measured_points():
+    flat = StepCost()
+    assert flat(1) == flat(64) == 1.0
+    curve = StepCost({8: 2.0, 24: 3.0})  # (1, 1.0) is implied
+    assert curve(1) == 1.0 and curve(8) == 2.0 and curve(16) == pytest.approx(2.5)
+    assert curve(4) == pytest.approx(1 + 3 / 7)  # between 1 and 8 tokens
+    assert curve(40) == pytest.approx(4.0)  # beyond the last point, its segment's slope (1 / 16 per token)
+    with pytest.raises(ValueError, match="token counts >= 1"):
+        StepCost({0: 1.0})
+    with pytest.raises(ValueError, match="step costs"):
+        SpeculativeConfig(target_step_costs={8: -1.0})
+
+
 def test_draft_length_controller_weighs_verification_cost():
     # Where scoring k + 1 tokens costs more than one (a CPU past its compute bound), fewer drafts pay.
     free = DraftLengthController(initial=1, minimum=1, maximum=10, cost_ratio=0.05).best_length(0.8)
-    costly = DraftLengthController(initial=1, minimum=1, maximum=10, cost_ratio=0.05, verify_cost_ratio=0.3)
+    costly = DraftLengthController(initial=1, minimum=1, maximum=10, cost_ratio=0.05,
+                                   target_costs=StepCost({2: 1.3}))
     assert free > costly.best_length(0.8) >= 1
-    with pytest.raises(ValueError, match="verify_cost_ratio"):
-        DraftLengthController(initial=1, minimum=1, maximum=2, cost_ratio=0.1, verify_cost_ratio=-1.0)
+    with pytest.raises(ValueError, match="cost_ratio"):
+        DraftLengthController(initial=1, minimum=1, maximum=2, cost_ratio=-0.1)
 
 
 def test_draft_length_controller_hand_computed_costs_and_batch_size():
-    controller = DraftLengthController(initial=2, minimum=1, maximum=8, cost_ratio=0.1, verify_cost_ratio=0.05,
-                                       draft_token_cost_ratio=0.02)
-    # Batch 8, k = 3: the target reads 32 tokens, 1 + 0.05 * 31 = 2.55; three draft steps over 8 rows,
-    # 3 * 0.1 * (1 + 0.02 * 7) = 0.342; plain decoding reads 8 tokens, 1.35.
-    assert controller.step_cost(8, 3) == pytest.approx(2.892)
+    # A CPU-like target: a pass costs 1 + 0.05 per extra token up to 8 tokens, then 0.02 per token.
+    controller = DraftLengthController(initial=2, minimum=1, maximum=8, cost_ratio=0.1,
+                                       target_costs=StepCost({8: 1.35, 48: 2.15}), draft_costs=StepCost({8: 1.14}))
+    # Batch 8, k = 3: the target reads 32 tokens, 1.35 + 0.02 * 24 = 1.83; three draft steps over 8 rows,
+    # 3 * 0.1 * 1.14 = 0.342; plain decoding reads 8 tokens, 1.35.
+    assert controller.step_cost(8, 3) == pytest.approx(2.172)
     assert controller.step_cost(8, 0) == pytest.approx(1.35)
-    # a = 0.8, k = 3 commits 1 + .8 + .64 + .512 = 2.952 tokens per row: 2.952 * 1.35 / 2.892 against plain.
-    assert controller.speedup(0.8, 8, 3) == pytest.approx(2.952 * 1.35 / 2.892)
+    # a = 0.8, k = 3 commits 1 + .8 + .64 + .512 = 2.952 tokens per row: 2.952 * 1.35 / 2.172 against plain.
+    assert controller.speedup(0.8, 8, 3) == pytest.approx(2.952 * 1.35 / 2.172)
     # The larger the batch, the more a verified token costs against a plain step: k shrinks, then speculation stops.
     lengths = [controller.best_length(0.8, batch) for batch in (1, 8, 64, 512)]
     assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[1] and lengths[-1] == 0

@@ -4,7 +4,7 @@ from .chat_template import apply_chat_template
 from .engine import Generation, GenerationEngine, GenerationStats, SpeculativeConfig
 from .frspec import FRSpecHead, TokenFrequencies
 from .sampling import GenerationSettings
-from .speculative import DraftLengthController, Verification, verify_greedy, verify_sampling
+from .speculative import DraftLengthController, StepCost, Verification, verify_greedy, verify_sampling
 
 __all__ = [
     "DraftLengthController",
@@ -14,6 +14,7 @@ __all__ = [
     "GenerationSettings",
     "GenerationStats",
     "SpeculativeConfig",
+    "StepCost",
     "TokenFrequencies",
     "Verification",
     "apply_chat_template",

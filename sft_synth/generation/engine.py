@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tokenizers import Tokenizer
 from torch import nn
 
 from .chat_template import IM_END, apply_chat_template
 from .frspec import FRSpecHead, TokenFrequencies
 from .sampling import GenerationSettings, apply_repetition_penalty, logits_to_probs, sample
-from .speculative import DraftLengthController, verify_greedy, verify_sampling
+from .speculative import DraftLengthController, StepCost, verify_greedy, verify_sampling
 
 Prompt = str | Sequence[Mapping[str, str]]
 EOS_TOKENS = ("</s>", IM_END)
@@ -57,18 +57,24 @@ class SpeculativeConfig(BaseModel):
         None, ge=0.0, description="draft step time / target step time; None: estimated from parameter counts"
     )
     frspec_fraction: float = Field(0.25, gt=0.0, le=1.0)
-    verify_cost_ratio: float = Field(
-        0.0, ge=0.0,
-        description="extra target time per additional token in a forward pass (another verified draft or another "
-        "row) / the time of a one-token step: about 0 while a step is bound by reading the weights (a GPU at small "
-        "batches), larger where the step is compute-bound (a CPU after a few tokens)",
+    target_step_costs: dict[int, float] = Field(
+        default_factory=dict,
+        description="time of a target forward pass over n tokens (rows x tokens per row) / a one-token pass, at "
+        "measured n (linear between, the last slope beyond; benchmarks/generate.py measures them): empty = 1 at "
+        "every n, a pass bound by reading the weights (a GPU at small batches); a CPU is compute-bound after a few",
     )
-    draft_token_cost_ratio: float = Field(
-        0.0, ge=0.0, description="the same for the draft: its extra time per additional row / its one-row step time"
+    draft_step_costs: dict[int, float] = Field(
+        default_factory=dict, description="the same for the draft, by rows (one draft token per row)"
     )
     probe_interval: int = Field(
         16, ge=1, description="after this many steps without drafts, one step drafts again to re-measure acceptance"
     )
+
+    @field_validator("target_step_costs", "draft_step_costs")
+    @classmethod
+    def _valid_step_costs(cls, costs: dict[int, float]) -> dict[int, float]:
+        StepCost(costs)
+        return costs
 
 
 @dataclass
@@ -148,7 +154,9 @@ class GenerationEngine:
     target / draft: models with forward(input_ids, attention_mask=, position_ids=, cache=) -> .logits,
     final_hidden(...) (hidden states before the LM head), lm_head_weight() and new_cache(batch, max_len, device=,
     dtype=), whose caches have .length, .max_len and per-layer .keys / .values [B, heads, max_len, head_dim].
-    max_batch_size is the number of decoding slots; more prompts wait for a slot.
+    max_batch_size is the number of decoding slots; more prompts wait for a slot. continuous_batching=False decodes
+    static batches as Hugging Face's generate does: a finished row keeps its slot (decoding on, its tokens dropped)
+    until every row of its batch has finished, the baseline that continuous batching is measured against.
     """
 
     def __init__(
@@ -162,10 +170,12 @@ class GenerationEngine:
         add_bos: bool = True,
         max_batch_size: int = 16,
         prefill_chunk_size: int = 1024,
+        continuous_batching: bool = True,
     ):
         self.target, self.draft, self.tokenizer = target.eval(), draft, tokenizer
         self.speculative = speculative or SpeculativeConfig()
         self.max_batch_size, self.prefill_chunk_size = max_batch_size, prefill_chunk_size
+        self.continuous_batching = continuous_batching
         self.bos_id = tokenizer.token_to_id("<s>") if add_bos else None
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True but the tokenizer has no <s> token")
@@ -313,8 +323,8 @@ class GenerationEngine:
             maximum=spec.max_draft_tokens,
             cost_ratio=self.draft_cost_ratio(),
             adaptive=spec.adaptive,
-            verify_cost_ratio=spec.verify_cost_ratio,
-            draft_token_cost_ratio=spec.draft_token_cost_ratio,
+            target_costs=StepCost(spec.target_step_costs),
+            draft_costs=StepCost(spec.draft_step_costs),
             probe_interval=spec.probe_interval,
         )
 
@@ -331,13 +341,16 @@ class GenerationEngine:
         waiting, running = deque(rows), None
         while True:
             finished = [i for i, row in enumerate(running.rows) if row.finish_reason is not None] if running else []
-            if finished and not self._refill(running, finished, waiting, models) or (
-                running is None or running.width + max_k > running.caches[0].max_len
-            ):
+            if self.continuous_batching:
+                new_layout = finished and not self._refill(running, finished, waiting, models)
+            else:
+                new_layout = running is not None and len(finished) == len(running.rows)
+            if new_layout or running is None or running.width + max_k > running.caches[0].max_len:
                 running = self._rebuild(running, waiting, models, settings, headroom=settings.max_new_tokens + max_k)
                 if running is None:
                     return
-            remaining = max(settings.max_new_tokens - len(row.token_ids) for row in running.rows)
+            remaining = max(settings.max_new_tokens - len(row.token_ids) for row in running.rows
+                            if row.finish_reason is None)
             k = min(controller.choose(len(running.rows)), remaining - 1) if use_draft else 0
             accepted = self._step(running, k, settings, generator, stop_ids)
             if k:
@@ -345,9 +358,13 @@ class GenerationEngine:
 
     def _rebuild(self, running: _Running | None, waiting: deque, models: list, settings: GenerationSettings,
                  headroom: int) -> _Running | None:
-        """The next layout: unfinished rows packed, waiting prompts prefilled into the free slots; None when done."""
+        """The next layout: unfinished rows packed, waiting prompts prefilled into the free slots; None when done.
+        A static batch keeps all its rows until every one has finished, and takes no prompt before."""
         kept = [i for i, row in enumerate(running.rows) if row.finish_reason is None] if running else []
-        admitted = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch_size - len(kept)))]
+        if kept and not self.continuous_batching:
+            kept = list(range(len(running.rows)))
+        free = self.max_batch_size - len(kept) if self.continuous_batching or not kept else 0
+        admitted = [waiting.popleft() for _ in range(min(len(waiting), free))]
         if not kept and not admitted:
             return None
         n_kept, batch = len(kept), len(kept) + len(admitted)
@@ -484,6 +501,8 @@ class GenerationEngine:
 
         draft_rows, next_tokens = drafts.tolist(), next_token.tolist()
         for i, row in enumerate(running.rows):
+            if row.finish_reason is not None:  # a finished row of a static batch
+                continue
             row.stats.target_steps += 1
             row.stats.drafted_tokens += k
             row.stats.accepted_drafts += accepted[i]

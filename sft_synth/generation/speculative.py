@@ -9,6 +9,8 @@ the draft and needs no randomness.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -66,16 +68,39 @@ def verify_sampling(
     return Verification(num_accepted, next_token)
 
 
+class StepCost:
+    """The time of a forward pass by the number of tokens it reads (rows x tokens per row), relative to a one-token
+    pass: linear between measured points, with the last segment's slope beyond them; no points: 1 at every size
+    (a step bound by reading the weights, as on a GPU at small batches).
+
+    A table rather than a line: on a CPU a pass over a few tokens is bound by reading the weights and a pass over
+    many by compute, so the cost per added token falls as the pass grows (the 19.9M benchmark target: 1, 1.9, 3.3,
+    4.2 at 1, 8, 32, 48 tokens), and a line through the one-token step overprices verification at batch 8.
+    """
+
+    def __init__(self, points: Mapping[int, float] | None = None):
+        table = {1: 1.0, **(points or {})}
+        if any(n < 1 for n in table) or any(t <= 0 for t in table.values()):
+            raise ValueError(f"step costs need token counts >= 1 and positive times, got {dict(points or {})}")
+        self.tokens = sorted(table)
+        self.times = [float(table[n]) for n in self.tokens]
+
+    def __call__(self, tokens: int) -> float:
+        if len(self.tokens) == 1:
+            return self.times[0]
+        i = min(max(bisect.bisect_right(self.tokens, tokens) - 1, 0), len(self.tokens) - 2)
+        (n0, n1), (t0, t1) = self.tokens[i : i + 2], self.times[i : i + 2]
+        return max(t0 + (t1 - t0) * (tokens - n0) / (n1 - n0), 0.0)
+
+
 class DraftLengthController:
     """Chooses the number of drafted tokens k for each step, k = 0 (plain decoding) where speculation does not pay.
 
     With per-token acceptance rate a, a row drafting k tokens commits (1 - a^(k+1)) / (1 - a) tokens on average
-    (each row commits its own share). A step's cost, in one-token target steps, is linear in the tokens each model
-    reads: the target scores B (k + 1) tokens, 1 + v (B (k + 1) - 1), and the draft makes k steps over B rows,
-    c (1 + w (B - 1)) each (c = draft step time / target step time; v, w = extra time per additional token, about 0
-    while a step is bound by reading the weights, as on a GPU at small batches; CPUs reach their compute bound
-    after a few tokens). k maximises committed tokens per unit of cost against plain decoding's B / (1 + v (B - 1)),
-    so the larger the batch the more acceptance speculation needs to pay.
+    (each row commits its own share). A step's cost, in one-token target steps, is the target's pass over B (k + 1)
+    tokens, target_costs(B (k + 1)), plus k draft steps over B rows, c draft_costs(B) each (c = draft step time /
+    target step time). k maximises committed tokens per unit of cost against plain decoding's B / target_costs(B),
+    so the more a verified token costs against a plain step the more acceptance speculation needs to pay.
     The rate is a decayed count of accepted drafts over accepted drafts plus rejections, so it follows the text
     being generated; it starts from a weak prior centred on `prior_rate`. A step without drafts measures nothing,
     so after probe_interval of them one step drafts again.
@@ -92,20 +117,18 @@ class DraftLengthController:
         decay: float = 0.9,
         prior_rate: float = 0.7,
         prior_weight: float = 2.0,
-        verify_cost_ratio: float = 0.0,
-        draft_token_cost_ratio: float = 0.0,
+        target_costs: StepCost | None = None,
+        draft_costs: StepCost | None = None,
         probe_interval: int = 16,
     ):
         if not 1 <= minimum <= initial <= maximum:
             raise ValueError(f"need 1 <= minimum ({minimum}) <= initial ({initial}) <= maximum ({maximum})")
-        for name, value in (("cost_ratio", cost_ratio), ("verify_cost_ratio", verify_cost_ratio),
-                            ("draft_token_cost_ratio", draft_token_cost_ratio)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        if cost_ratio < 0:
+            raise ValueError(f"cost_ratio must be >= 0, got {cost_ratio}")
         self.initial, self.minimum, self.maximum = initial, minimum, maximum
         self.cost_ratio = cost_ratio
-        self.verify_cost_ratio = verify_cost_ratio
-        self.draft_token_cost_ratio = draft_token_cost_ratio
+        self.target_costs = target_costs or StepCost()
+        self.draft_costs = draft_costs or StepCost()
         self.adaptive = adaptive
         self.decay = decay
         self.probe_interval = probe_interval
@@ -142,8 +165,7 @@ class DraftLengthController:
 
     def step_cost(self, batch_size: int, k: int) -> float:
         """A step's time in one-token target steps: the target over batch_size * (k + 1) tokens, k draft steps."""
-        target = 1.0 + self.verify_cost_ratio * (batch_size * (k + 1) - 1)
-        return target + k * self.cost_ratio * (1.0 + self.draft_token_cost_ratio * (batch_size - 1))
+        return self.target_costs(batch_size * (k + 1)) + k * self.cost_ratio * self.draft_costs(batch_size)
 
     def speedup(self, rate: float, batch_size: int, k: int) -> float:
         """Expected tokens/s of drafting k per step relative to plain decoding at the same batch size."""
