@@ -47,23 +47,37 @@ class CachedWordTokenizer(WordTokenizer):
     suffixes, infixes, exceptions): a chunk's words are the same wherever it occurs, so a document's words are the
     concatenation of its chunks' words. The chunks a document brings that are not known yet are tokenized in one
     spaCy call, joined by single spaces (a token never spans a space). Other tokenizers (jieba, MeCab, ...) are
-    called as datatrove calls them. Sentences always come from datatrove's tokenizer.
+    called as datatrove calls them.
+
+    Words and sentences come from a spaCy pipeline built as datatrove builds it, but used without memory zones:
+    datatrove's zones free lexemes that a later document can still reach (we saw spaCy raise ``OverflowError`` from
+    a sentence's garbage end offset about once in ten test runs). Memory stays bounded instead by starting the
+    pipeline and the chunk cache over once they hold ``max_cached`` entries.
     """
 
-    max_cached_chunks = 1 << 18  # about 60 MB of chunks and words; the cache starts over when full
+    max_cached = 1 << 17  # about 30 MB of chunks and words, as much again of spaCy lexemes
 
     def __init__(self, language: str):
         super().__init__(language)
         self.datatrove = load_word_tokenizer(language)
         self.nlp = None
         if isinstance(self.datatrove, SpaCyTokenizer) and self.datatrove.language != "ja":
-            import spacy
-
-            config = self.datatrove.config
-            self.nlp = spacy.blank(language, config=config) if config is not None else spacy.blank(language)
+            self.nlp = self._pipeline()
             if type(self.nlp.tokenizer).__name__ != "Tokenizer":  # a segmenter (zh, ko...): not chunk by chunk
                 self.nlp = None
         self.chunk_words: dict[str, tuple[str, ...]] = {}
+
+    def _pipeline(self):
+        import spacy
+
+        config = self.datatrove.config
+        nlp = spacy.blank(self.language, config=config) if config is not None else spacy.blank(self.language)
+        nlp.add_pipe("sentencizer")
+        return nlp
+
+    def _bounded(self) -> None:
+        if len(self.nlp.vocab) > self.max_cached:
+            self.nlp = self._pipeline()
 
     def word_tokenize(self, text: str) -> list[str]:
         if self.nlp is None:
@@ -79,27 +93,38 @@ class CachedWordTokenizer(WordTokenizer):
         chunks = text.split()
         known = self.chunk_words
         unknown = [chunk for chunk in dict.fromkeys(chunks) if chunk not in known]
-        if len(known) + len(unknown) > self.max_cached_chunks:
+        if len(known) + len(unknown) > self.max_cached:
             known.clear()
             unknown = list(dict.fromkeys(chunks))
         if unknown:
             joined = " ".join(unknown)
             words: list[str] = []
             position = 0
-            with self.nlp.memory_zone():
-                self.nlp.max_length = len(joined) + 10
-                for token in self.nlp.tokenizer(joined):
-                    words.append(token.text)
-                    if token.whitespace_ or token.i == len(token.doc) - 1:
-                        known[unknown[position]] = tuple(words)
-                        words, position = [], position + 1
+            self.nlp.max_length = len(joined) + 10
+            for token in self.nlp.tokenizer(joined):
+                words.append(token.text)
+                if token.whitespace_ or token.i == len(token.doc) - 1:
+                    known[unknown[position]] = tuple(words)
+                    words, position = [], position + 1
+            self._bounded()
         return [word for chunk in chunks for word in known[chunk]]
 
     def sent_tokenize(self, text: str) -> list[str]:
         return self.datatrove.sent_tokenize(text)
 
     def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-        return self.datatrove.span_tokenize(text)
+        if self.nlp is None:
+            return self.datatrove.span_tokenize(text)
+        self.nlp.max_length = len(text) + 10
+        try:
+            doc = self.nlp(text)
+        except Exception:
+            if "IS_ALPHA" not in text:
+                raise
+            doc = self.nlp(text.replace("IS_ALPHA", ""))  # as datatrove: the spans are then of the shorter text
+        spans = [(sentence.start_char, sentence.end_char) for sentence in doc.sents]
+        self._bounded()
+        return spans
 
 
 @cache
