@@ -10,19 +10,23 @@ ingest's time: datatrove splits words with spaCy inside a memory zone, so every 
 fresh lexeme, and its C4 rules run spaCy's sentencizer on every kept line of a document to count sentences up to a
 minimum of five. ``CachedWordTokenizer`` splits words once per distinct whitespace-separated chunk (what spaCy's
 own tokenizer cache assumes: a chunk's tokens do not depend on its neighbours), ``C4Rules`` stops counting
-sentences once the minimum is reached, and ``GopherRepetitionRules`` builds its n-grams in one pass.
+sentences once the minimum is reached, ``GopherRepetitionRules`` builds each size of n-grams from the last and walks
+only the positions that can repeat, and ``GopherQualityRules`` tests each distinct word once.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 import typing
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterator
 from functools import cache
 from itertools import islice
 from typing import Any, Literal
 
+import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.filters import (
     C4QualityFilter,
@@ -32,7 +36,7 @@ from datatrove.pipeline.filters import (
 )
 from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, ELLIPSIS, END_PUNCTUATION, POLICY_SUBSTRINGS
 from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
-from datatrove.utils.text import split_into_sentences, split_into_words
+from datatrove.utils.text import PUNCTUATION_SET, split_into_sentences, split_into_words
 from datatrove.utils.word_tokenizers import SpaCyTokenizer, WordTokenizer, load_word_tokenizer
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
@@ -137,20 +141,48 @@ def ngrams(words: list[str], n: int, separator: str) -> Iterator[str]:
     return map(separator.join, zip(*(islice(words, start, None) for start in range(n))))
 
 
-def repeated_ngram_chars(words: list[str], n: int) -> int:
-    """datatrove's ``find_all_duplicate``: characters in n-grams (joined without spaces, as datatrove joins them)
-    seen before, jumping past each repeat; the n-grams are built in one pass instead of a slice per position."""
-    grams = list(ngrams(words, n, ""))
-    seen: set[str] = set()
+def growing_ngrams(words: list[str], sizes: list[int]) -> Iterator[list[str]]:
+    """The n-grams of ``words`` joined without spaces (as datatrove's repetition rules join them), for each of
+    ``sizes`` in turn, lazily; each next size is the previous n-grams with one word appended, not a fresh join."""
+    grams, size = [], 0
+    for n in sizes:
+        if n < size or size == 0:
+            grams, size = list(ngrams(words, n, "")), n
+        while size < n:
+            grams = list(map(operator.add, grams, words[size:]))
+            size += 1
+        yield grams
+
+
+def repeated_ngram_chars(grams: list[str], n: int) -> int:
+    """datatrove's ``find_all_duplicate`` on the n-grams ``grams``: characters in n-grams seen before, walking the
+    n-grams in order and jumping past each repeat.
+
+    Only a position whose n-gram occurred earlier can be a repeat; every other position the walk reaches is simply
+    added to what it has seen. So the walk in Python visits those positions alone (most documents have few or
+    none), found in C: the n-gram at such a position was seen if its first occurrence was not jumped over, or if
+    an earlier visited position of this walk held it."""
+    first = dict(zip(reversed(grams), range(len(grams) - 1, -1, -1)))  # the earliest position is written last
+    if len(first) == len(grams):
+        return 0
+    first_position = np.fromiter(map(first.__getitem__, grams), dtype=np.int64, count=len(grams))
+    later = np.flatnonzero(first_position != np.arange(len(grams))).tolist()
+    jumped_starts: list[int] = []  # positions start..start+n-2 after each repeat are never visited
+    revisited: set[str] = set()
     repeated = position = 0
-    while position < len(grams):
-        gram = grams[position]
-        if gram in seen:
+    for candidate in later:
+        if candidate < position:
+            continue
+        gram = grams[candidate]
+        earliest = first[gram]
+        jump = bisect_right(jumped_starts, earliest) - 1
+        if jump < 0 or jumped_starts[jump] + n - 1 <= earliest or gram in revisited:
             repeated += len(gram)
-            position += n
+            jumped_starts.append(candidate + 1)
+            position = candidate + n
         else:
-            seen.add(gram)
-            position += 1
+            revisited.add(gram)
+            position = candidate + 1
     return repeated
 
 
@@ -180,9 +212,52 @@ class GopherRepetitionRules(GopherRepetitionFilter):
                 gram, count = Counter(ngrams(words, n, " ")).most_common(1)[0]
                 if len(gram) * count / len(text) > share:
                     return False, f"top_{n}_gram"
-        for n, share in self.dup_n_grams:
-            if repeated_ngram_chars(words, n) / len(text) > share:
+        sizes = [n for n, _ in self.dup_n_grams]
+        for (n, share), grams in zip(self.dup_n_grams, growing_ngrams(words, sizes)):
+            if repeated_ngram_chars(grams, n) / len(text) > share:
                 return False, f"duplicated_{n}_n_grams"
+        return True
+
+
+class GopherQualityRules(GopherQualityFilter):
+    """datatrove's Gopher quality rules with the per-word tests (has a non-punctuation character, has a letter) run
+    once per distinct word and weighted by its count: most of a document's words are repeats."""
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        text = doc.text
+        words = split_into_words(text, self.language)
+        n_words = len(words)
+        counts = Counter(words)
+        non_symbol = {word: count for word, count in counts.items() if any(ch not in PUNCTUATION_SET for ch in word)}
+        n_non_symbol_words = sum(non_symbol.values())
+        if self.min_doc_words and n_non_symbol_words < self.min_doc_words:
+            return False, "gopher_short_doc"
+        if self.max_doc_words and n_non_symbol_words > self.max_doc_words:
+            return False, "gopher_long_doc"
+        # datatrove's np.mean of an empty list is nan, which passes both bounds
+        chars = sum(len(word) * count for word, count in non_symbol.items())
+        avg_word_length = chars / n_non_symbol_words if n_non_symbol_words else float("nan")
+        if self.min_avg_word_length and avg_word_length < self.min_avg_word_length:
+            return False, "gopher_below_avg_threshold"
+        if self.max_avg_word_length and avg_word_length > self.max_avg_word_length:
+            return False, "gopher_above_avg_threshold"
+        if self.max_symbol_word_ratio and text.count("#") / n_words > self.max_symbol_word_ratio:
+            return False, "gopher_too_many_hashes"
+        if self.max_symbol_word_ratio and (text.count("...") + text.count("…")) / n_words > self.max_symbol_word_ratio:
+            return False, "gopher_too_many_ellipsis"
+        lines = text.splitlines()
+        if (self.max_bullet_lines_ratio
+                and sum(line.lstrip().startswith(("•", "-")) for line in lines) / len(lines) > self.max_bullet_lines_ratio):
+            return False, "gopher_too_many_bullets"
+        if (self.max_ellipsis_lines_ratio
+                and sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines) > self.max_ellipsis_lines_ratio):
+            return False, "gopher_too_many_end_ellipsis"
+        if self.max_non_alpha_words_ratio:
+            alpha_words = sum(count for word, count in counts.items() if any(ch.isalpha() for ch in word))
+            if alpha_words / n_words < self.max_non_alpha_words_ratio:
+                return False, "gopher_below_alpha_threshold"
+        if self.min_stop_words and len(self.stop_words.intersection(counts)) < self.min_stop_words:
+            return False, "gopher_enough_stop_words"
         return True
 
 
@@ -228,7 +303,7 @@ FILTER_CLASSES = {
     "c4": C4QualityFilter,
     "fineweb": FineWebQualityFilter,
 }
-FAST_RULES = {"gopher_repetition": GopherRepetitionRules, "c4": C4Rules}
+FAST_RULES = {"gopher_repetition": GopherRepetitionRules, "gopher_quality": GopherQualityRules, "c4": C4Rules}
 _NOT_THRESHOLDS = {"self", "exclusion_writer", "language", "batch_size"}
 _FRACTION_WORDS = ("ratio", "frac", "thr", "grams")  # thresholds on shares of a document: at most 1
 

@@ -10,16 +10,25 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import random
 from collections import Counter
 from itertools import islice
 
 import pytest
 from datatrove.data import Document
+from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 from spacy.language import Language
 
 from pipelines.config import load_config
-from stages.heuristics import FILTER_CLASSES, CachedWordTokenizer, FilterConfig, HeuristicFilter
+from stages.heuristics import (
+    FILTER_CLASSES,
+    CachedWordTokenizer,
+    FilterConfig,
+    HeuristicFilter,
+    growing_ngrams,
+    repeated_ngram_chars,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +68,10 @@ def test_filters_decide_as_datatrove(web_texts):
                 FilterConfig(kind="c4", params={"split_paragraph": False}),
                 FilterConfig(kind="c4", params={"min_num_sentences": 0, "filter_no_terminal_punct": True}),
                 FilterConfig(kind="gopher_repetition", params={"dup_line_frac": None, "dup_para_frac": None,
-                                                               "dup_line_char_frac": None, "dup_para_char_frac": None})]
+                                                               "dup_line_char_frac": None, "dup_para_char_frac": None}),
+                # the per-word rules decide: barely a length bound, stricter letter and stop-word shares
+                FilterConfig(kind="gopher_quality", params={"min_doc_words": 1, "max_doc_words": 0,
+                                                            "max_non_alpha_words_ratio": 0.9, "min_stop_words": 8})]
     outcomes: dict[str, set] = {}
     for filter_config in variants:
         ours = HeuristicFilter(filter_config)
@@ -80,4 +92,17 @@ def test_filters_decide_as_datatrove(web_texts):
         assert dict(ours.accounting.dropped[ours.name]) == dict(expected_drops)
     # the comparison covers both outcomes of every rule set, and more than one reason of the Gopher rules
     assert all(None in reasons and len(reasons) >= 2 for reasons in outcomes.values()), outcomes
-    assert len(outcomes["gopher_quality"]) >= 3 and len(outcomes["gopher_repetition"]) >= 3, outcomes
+    assert len(outcomes["gopher_quality"]) >= 5 and len(outcomes["gopher_repetition"]) >= 3, outcomes
+
+
+def test_repeated_ngram_chars_equals_datatrove():
+    """The walk over repeat candidates only, against datatrove's walk over every position, on word lists made of few
+    words that also join into each other ("ab" + "c" = "a" + "bc"), so repeats, jumps over first occurrences and
+    equal joins of different words all occur; sizes in any order, as a config may list them."""
+    rng = random.Random(0)
+    vocabulary = ["a", "b", "ab", "c", "bc", "d"]
+    for _ in range(3000):
+        words = [rng.choice(vocabulary[:rng.randint(1, 6)]) for _ in range(rng.randint(0, 50))]
+        sizes = rng.sample(range(1, 8), rng.randint(1, 4))
+        for n, grams in zip(sizes, growing_ngrams(words, sizes)):
+            assert repeated_ngram_chars(grams, n) == find_all_duplicate(words, n), (words, n)
