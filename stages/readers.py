@@ -91,18 +91,27 @@ def _skip_past_newline(stream) -> tuple[int, int]:
     return skipped, skipped
 
 
+def _charsets(payload: bytes, content_type: str) -> Iterator[str]:
+    declared = _CHARSET.search(content_type.encode()) or _CHARSET.search(payload[:4096])
+    if declared:
+        yield declared.group(1).decode("ascii", "ignore")
+    yield "utf-8"
+    yield detect_encoding(payload)  # a guess over the whole payload: only when neither of the above decodes it
+
+
 def decode_html(payload: bytes, content_type: str) -> str:
     """Decode with the declared charset, else UTF-8, else a detected one; raise when nothing decodes cleanly."""
-    declared = _CHARSET.search(content_type.encode()) or _CHARSET.search(payload[:4096])
-    candidates = [declared.group(1).decode("ascii", "ignore")] if declared else []
-    candidates += ["utf-8", detect_encoding(payload)]
-    for encoding in dict.fromkeys(candidates):
+    tried: list[str] = []
+    for encoding in _charsets(payload, content_type):
+        if encoding in tried:
+            continue
+        tried.append(encoding)
         try:
             return payload.decode(encoding)
         except (UnicodeDecodeError, LookupError):
             continue
     bad = payload.decode("utf-8", errors="replace").find("\ufffd")
-    raise UnicodeDecodeError("utf-8", payload, max(bad, 0), max(bad, 0) + 1, f"no charset decodes it (tried {candidates})")
+    raise UnicodeDecodeError("utf-8", payload, max(bad, 0), max(bad, 0) + 1, f"no charset decodes it (tried {tried})")
 
 
 class InputReader(Stage):

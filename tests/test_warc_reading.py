@@ -193,3 +193,23 @@ def test_a_50_mb_page_does_not_raise_memory_beyond_the_cap(tmp_path):
     # the same measure does see a page that is read whole: it is not a number that stays small regardless
     uncapped_growth, kept, _, _ = _rss_growth_mb(path, 100 << 20)
     assert kept == 2 and uncapped_growth > 50
+
+
+def test_html_charset_declared_then_utf8_then_detected(monkeypatch):
+    """The declared charset wins, UTF-8 comes next, and detection (a pass over the whole payload) runs only when
+    both fail; a payload no charset decodes raises, naming what was tried."""
+    import stages.readers as readers
+
+    page = "<html><body><p>Grüße aus Köln – à bientôt, señor.</p></body></html>"
+    cp1252 = page.encode("cp1252")
+    calls = []
+    detect = readers.detect_encoding
+    monkeypatch.setattr(readers, "detect_encoding", lambda payload: calls.append(payload) or detect(payload))
+    assert readers.decode_html(page.encode("utf-8"), "text/html") == page
+    assert readers.decode_html(cp1252, "text/html; charset=windows-1252") == page
+    assert calls == []
+    assert readers.decode_html(cp1252, "text/html") == page  # not UTF-8: detected
+    assert calls == [cp1252]
+    monkeypatch.setattr(readers, "detect_encoding", lambda payload: "ascii")
+    with pytest.raises(UnicodeDecodeError, match=r"tried \['utf-8', 'ascii'\]"):
+        readers.decode_html(cp1252, "")
