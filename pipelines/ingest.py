@@ -41,7 +41,7 @@ from core.versions import SHARD_DIR, WORK_DIR, compute_version_id, entry_dir, pu
 from pipelines.config import UltraCleanConfig
 from pipelines.dedup import ORDER_BITS, deduplicate, removed_count, removed_orders
 from stages.base import Stage
-from stages.dedup import MinHasher, content_hash
+from stages.dedup import MinHasher, dedup_keys
 from stages.extract import HtmlExtractor
 from stages.heuristics import HeuristicFilter
 from stages.langid import LanguageIdentifier
@@ -165,6 +165,7 @@ def _part_rows(docs, item: ResolvedInput, config: UltraCleanConfig):
     hasher = MinHasher(config.dedup.minhash) if config.dedup.minhash.enabled else None
     for number, doc in enumerate(docs):
         language = doc.metadata["language"]
+        exact, bands = dedup_keys(doc.text, language, hasher)
         yield {
             "content": doc.text,
             "id": doc.id,
@@ -174,8 +175,8 @@ def _part_rows(docs, item: ResolvedInput, config: UltraCleanConfig):
             "language_score": doc.metadata["language_score"],
             "source": doc.metadata["source"],
             "order": (item.index << ORDER_BITS) | number,
-            "content_hash": content_hash(doc.text),
-            "minhash_bands": hasher.band_keys(doc.text, language) if hasher else [],
+            "content_hash": exact,
+            "minhash_bands": bands,
         }
 
 

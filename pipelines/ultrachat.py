@@ -66,14 +66,13 @@ from sft_synth.filters import (
     BenchmarkIndex,
     as_document,
     benchmark_files,
-    dedup_keys,
     dialogue_filters,
     duplicates,
 )
 from sft_synth.generation.chat_template import ChatTemplate, ChatTemplateError
 from sft_synth.quality import GenerationChecks, part_checks, quality_report, quality_section, write_quality
 from sft_synth.seeds import Seed, build_seeds, source_fingerprints
-from stages.dedup import MinHasher
+from stages.dedup import MinHasher, dedup_keys
 
 PARTS_DIR = "parts"
 # The code that shapes a synthesized dataset: the synthesis package, the stages its filters reuse, the model code

@@ -34,8 +34,6 @@ from sft_synth.tools import TOOL_CALL_OPEN, call_errors, check_tools
 from stages.base import Stage
 from stages.dedup import (
     DedupConfig,
-    MinHasher,
-    content_hash,
     duplicate_edges,
     near_duplicates,
     normalize_for_dedup,
@@ -372,11 +370,6 @@ def dialogue_filters(config: FiltersConfig, index: BenchmarkIndex | None, accoun
     if index is not None:
         stages.append(DecontaminationFilter(index, accounting))
     return stages
-
-
-def dedup_keys(text: str, language: str, hasher: MinHasher | None) -> tuple[int, list[int]]:
-    """Exact hash and MinHash band keys of a dialogue's text."""
-    return content_hash(text), hasher.band_keys(text, language) if hasher is not None else []
 
 
 def duplicates(keys: pl.DataFrame, config: DedupConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ are joined into components by min-label propagation, which runs on hash partitio
 from __future__ import annotations
 
 import unicodedata
+from itertools import islice
 
 import numpy as np
 import polars as pl
@@ -62,21 +63,37 @@ class MinHasher:
         self.b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
 
     def shingles(self, text: str, language: str) -> set[str]:
-        normalized = normalize_for_dedup(text)
+        return self.normalized_shingles(normalize_for_dedup(text), language)
+
+    def normalized_shingles(self, normalized: str, language: str) -> set[str]:
         units = list(normalized.replace(" ", "")) if language in _UNSEGMENTED_SCRIPTS else normalized.split()
         n = self.config.ngram
         if len(units) <= n:
             return {" ".join(units)}
-        return {" ".join(units[i : i + n]) for i in range(len(units) - n + 1)}
+        return set(map(" ".join, zip(*(islice(units, start, None) for start in range(n)))))
 
     def band_keys(self, text: str, language: str) -> list[int]:
-        hashes = np.fromiter((xxhash.xxh32_intdigest(s.encode()) for s in self.shingles(text, language)), dtype=np.uint64)
+        return self.normalized_band_keys(normalize_for_dedup(text), language)
+
+    def normalized_band_keys(self, normalized: str, language: str) -> list[int]:
+        shingles = self.normalized_shingles(normalized, language)
+        hashes = np.fromiter(map(xxhash.xxh32_intdigest, map(str.encode, shingles)), dtype=np.uint64, count=len(shingles))
         # (a x + b) mod p alone is monotone in x for small x, so the shingle with the smallest hash would be the
         # minimum under every permutation and the rows of a band would agree far more often than Jaccard says;
         # keeping the low 32 bits breaks that order (as datasketch and datatrove do)
-        permuted = ((hashes[:, None] * self.a[None, :] + self.b[None, :]) % _MERSENNE_PRIME) & _MAX_HASH
+        permuted = hashes[:, None] * self.a[None, :] + self.b[None, :]
+        # mod 2**61 - 1 without a division: fold the bits above 61 onto the low ones, subtract p once if needed
+        permuted = (permuted & _MERSENNE_PRIME) + (permuted >> np.uint64(61))
+        permuted = np.where(permuted >= _MERSENNE_PRIME, permuted - _MERSENNE_PRIME, permuted) & _MAX_HASH
         signature = permuted.min(axis=0).reshape(self.config.num_bands, self.config.rows_per_band)
         return [xxhash.xxh64_intdigest(band.tobytes()) for band in signature]
+
+
+def dedup_keys(text: str, language: str, hasher: MinHasher | None) -> tuple[int, list[int]]:
+    """The exact hash and the MinHash band keys (none without a hasher), from one normalization of the text."""
+    normalized = normalize_for_dedup(text)
+    exact = xxhash.xxh64_intdigest(normalized.encode())
+    return exact, hasher.normalized_band_keys(normalized, language) if hasher is not None else []
 
 
 def duplicate_edges(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import xxhash
 
 from stages.dedup import MinHashConfig, MinHasher
 
@@ -121,3 +122,16 @@ def test_partitioned_components_find_the_same_clusters_as_union_find(ray_local, 
     assert result.partitions == 5 and result.rounds >= 3
     assert (result.exact, result.near) == (len(exact), len(near)) and found == exact | near
     assert len(exact) > 20 and len(near) > 150
+
+
+def test_band_keys_equal_the_permutations_in_exact_integers():
+    """The signature computed with Python's unbounded integers, (a x + b) mod (2**61 - 1), low 32 bits, row
+    minimum, against the vectorised one (which folds the modulo into shifts and masks)."""
+    hasher = MinHasher(MinHashConfig())
+    text = "The quick brown fox jumps over the lazy dog, and then the dog chases the fox round the yard twice."
+    hashes = [xxhash.xxh32_intdigest(shingle.encode()) for shingle in hasher.shingles(text, "en")]
+    prime = (1 << 61) - 1
+    rows = [min(((a * x + b) % prime) & 0xFFFFFFFF for x in hashes)
+            for a, b in zip(hasher.a.tolist(), hasher.b.tolist())]
+    signature = np.array(rows, dtype=np.uint64).reshape(hasher.config.num_bands, hasher.config.rows_per_band)
+    assert hasher.band_keys(text, "en") == [xxhash.xxh64_intdigest(band.tobytes()) for band in signature]

@@ -52,14 +52,13 @@ from sft_synth.filters import (
     ToolCallFilter,
     answer_problem,
     as_document,
-    dedup_keys,
     duplicates,
     parse_number,
 )
 from sft_synth.quality import assistant_replies, distinct_n, self_similarity
 from sft_synth.seeds import build_seeds, gold_answer
 from sft_synth.tools import openai_tool_call, parse_tool_calls
-from stages.dedup import DedupConfig, MinHasher
+from stages.dedup import DedupConfig, MinHasher, dedup_keys
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"

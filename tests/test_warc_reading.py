@@ -17,6 +17,7 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
+from stages import readers
 from stages.readers import InputReader, ReadConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +168,7 @@ def _write_big_warc(path: Path, page_bytes: int) -> None:
 PEAK_RSS = """
 import re, sys
 from pathlib import Path
+from stages import readers
 from stages.readers import InputReader, ReadConfig
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) // 1024
@@ -198,8 +200,6 @@ def test_a_50_mb_page_does_not_raise_memory_beyond_the_cap(tmp_path):
 def test_html_charset_declared_then_utf8_then_detected(monkeypatch):
     """The declared charset wins, UTF-8 comes next, and detection (a pass over the whole payload) runs only when
     both fail; a payload no charset decodes raises, naming what was tried."""
-    import stages.readers as readers
-
     page = "<html><body><p>Grüße aus Köln – à bientôt, señor.</p></body></html>"
     cp1252 = page.encode("cp1252")
     calls = []
