@@ -38,7 +38,8 @@ PAGES = DATA / "html/trafilatura-eval-pages.tar.gz"
 ANNOTATIONS = DATA / "html/trafilatura-evaldata.json"
 CRAWL = DATA / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz"
 CC_WARC = DATA / "crawl/CC-MAIN-2020-34-excerpt.warc.gz"
-ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid")
+ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid", "resiliparse_classified", "hybrid_classified")
+HYBRIDS = ("hybrid", "hybrid_classified")
 
 
 def is_held_out(file_name: str) -> bool:
@@ -108,18 +109,20 @@ def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) ->
     return {name: (texts[name], len(pages) / seconds[name], engines[name]) for name in names}
 
 
-def crawl_fallback_share(repeat: int) -> None:
-    """The hybrid on real Common Crawl responses (home pages, shops, forums as well as articles): how often it falls
+def crawl_fallback_share(hybrids: list[str], repeat: int) -> None:
+    """The hybrids on real Common Crawl responses (home pages, shops, forums as well as articles): how often each falls
     back there, and its speed against trafilatura on the same pages. No annotations: no F1."""
     from stages.readers import InputReader, ReadConfig
 
     pages = [(None, doc.text) for doc in InputReader(CC_WARC, "warc", "cc", ReadConfig()).run()
              if doc.metadata["kind"] == "html"]
-    results = run_engines(["trafilatura", "hybrid"], pages, repeat)
-    (_, base, _), (_, speed, hybrid) = results["trafilatura"], results["hybrid"]
-    print(f"\nhybrid on the {len(pages)} CC responses of {CC_WARC.name}: trafilatura ran on "
-          f"{hybrid.fallbacks / hybrid.pages:.0%} of them; {speed:.1f} pages/s vs trafilatura {base:.1f} "
-          f"({speed / base:.1f}x)")
+    results = run_engines(["trafilatura", *hybrids], pages, repeat)
+    base = results["trafilatura"][1]
+    for name in hybrids:
+        _, speed, hybrid = results[name]
+        print(f"\n{name} on the {len(pages)} CC responses of {CC_WARC.name}: trafilatura ran on "
+              f"{hybrid.fallbacks / hybrid.pages:.0%} of them; {speed:.1f} pages/s vs trafilatura {base:.1f} "
+              f"({speed / base:.1f}x)")
 
 
 def langid_speed(repeat: int) -> None:
@@ -180,8 +183,9 @@ def main() -> None:
                          (("all", range(len(pages))), ("held-out", [i for i, h in enumerate(held_out) if h]))
                          for low, high in [f1_gap_interval(counts, base_counts, list(chosen))]]
             print(f"{'':<20} F1 - trafilatura's, 95% paired bootstrap over pages: {', '.join(intervals)}")
-    if "hybrid" in args.engines:
-        crawl_fallback_share(args.repeat)
+    hybrids = [name for name in args.engines if name in HYBRIDS]
+    if hybrids:
+        crawl_fallback_share(hybrids, args.repeat)
     langid_speed(max(args.repeat, 3))
 
 

@@ -17,6 +17,7 @@ from pipelines.config import parse_config
 from stages.extract import (
     LINK_END,
     LINK_START,
+    ClassifiedResiliparse,
     ExtractConfig,
     HtmlExtractor,
     HybridExtractor,
@@ -30,7 +31,7 @@ from stages.extract import (
 from stages.langid import LangIdConfig, LanguageIdentifier
 from stages.readers import decode_html
 
-ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid")
+ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid", "resiliparse_classified", "hybrid_classified")
 PAGE_COUNT = 24  # the first pages of the annotation file, as it lists them: no choosing
 
 
@@ -66,16 +67,20 @@ def _job(**sections) -> dict:
 
 
 def test_engine_is_chosen_in_config():
-    for name, kind in zip(ENGINES, (TrafilaturaEngine, ResiliparseEngine, PrunedResiliparse, HybridExtractor)):
+    kinds = (TrafilaturaEngine, ResiliparseEngine, PrunedResiliparse, HybridExtractor, ClassifiedResiliparse,
+             HybridExtractor)
+    for name, kind in zip(ENGINES, kinds, strict=True):
         config = parse_config(_job(extract={"engine": name}))
         assert isinstance(HtmlExtractor(config.extract).engine, kind)
+    cheap = HtmlExtractor(parse_config(_job(extract={"engine": "hybrid_classified"})).extract).engine.cheap
+    assert isinstance(cheap, ClassifiedResiliparse)
     assert isinstance(HtmlExtractor(parse_config(_job()).extract).engine, TrafilaturaEngine)  # the default
     with pytest.raises(ConfigError) as error:
         parse_config(_job(extract={"engine": "boilerpipe"}))
     message = str(error.value)
     assert "extract.engine" in message and "'boilerpipe'" in message and "hybrid" in message
     hybrid = HtmlExtractor(parse_config(_job(extract={"engine": "hybrid", "min_confident_chars": 80})).extract).engine
-    assert hybrid.min_confident_chars == 80
+    assert hybrid.cheap.min_confident_chars == 80
 
 
 # floors a little under each engine's figure on these pages (0.91, 0.78, 0.85, 0.86): an engine that kept the whole
