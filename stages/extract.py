@@ -77,12 +77,31 @@ class ResiliparseEngine:
 
 
 # Article bodies as CMSs and schema.org mark them, most specific first (trafilatura's BODY_XPATH looks for the same
-# containers); `article`, `main` and #content are the generic fallbacks.
-ARTICLE_CONTAINERS = (
-    '[itemprop="articleBody"]', '[class*="entry-content"]', '[class*="post-content"]', '[class*="article-body"]',
-    '[class*="articleBody"]', '[class*="article-content"]', '[class*="post-body"]', '[class*="story-body"]',
-    "article", "main", '[role="main"]', "#content",
+# containers); `article`, `main` and #content are the generic fallbacks. (attribute, value, whole value or part of it)
+_CONTAINER_MARKS = (
+    ("itemprop", "articleBody", "whole"), ("class", "entry-content", "part"), ("class", "post-content", "part"),
+    ("class", "article-body", "part"), ("class", "articleBody", "part"), ("class", "article-content", "part"),
+    ("class", "post-body", "part"), ("class", "story-body", "part"), ("tag", "article", "whole"),
+    ("tag", "main", "whole"), ("role", "main", "whole"), ("id", "content", "whole"),
 )
+ARTICLE_CONTAINERS = tuple(
+    value if attribute == "tag" else f"#{value}" if attribute == "id"
+    else f'[{attribute}{"*" if match == "part" else ""}="{value}"]'
+    for attribute, value, match in _CONTAINER_MARKS
+)
+_ANY_CONTAINER = ", ".join(ARTICLE_CONTAINERS)
+
+
+def container_rank(node) -> int:
+    """The index of the first of ARTICLE_CONTAINERS the node matches (one query for all of them, then this, costs
+    half of a query per selector)."""
+    for rank, (attribute, value, match) in enumerate(_CONTAINER_MARKS):
+        actual = node.tag if attribute == "tag" else node.getattr(attribute)
+        if actual is not None and (value in actual if match == "part" else actual == value):
+            return rank
+    return len(_CONTAINER_MARKS)
+
+
 # Elements that hold no main text even inside an article: captions, forms, asides, and the widgets whose class
 # or id names them (the categories trafilatura's discard rules remove). ``:not(body)`` because some sites put such
 # words on the body's class.
@@ -143,10 +162,11 @@ def article_containers(tree: HTMLTree):
     """The page's article container candidates, most specific selector first, each with its share of the page's
     text: per selector the largest match, if it holds at least MIN_CONTAINER_SHARE of the text."""
     page_chars = len(tree.body.text) if tree.body is not None else 0
-    for selector in ARTICLE_CONTAINERS:
-        nodes = tree.document.query_selector_all(selector)
-        if len(nodes) == 0:
-            continue
+    by_rank: dict[int, list] = {}
+    for node in tree.document.query_selector_all(_ANY_CONTAINER):  # document order, as each selector's own query
+        by_rank.setdefault(container_rank(node), []).append(node)
+    for rank in sorted(by_rank):
+        nodes = by_rank[rank]
         chars = [len(node.text) for node in nodes]  # .text walks the subtree each time: once a node
         if max(chars) >= MIN_CONTAINER_SHARE * page_chars:
             yield nodes[chars.index(max(chars))], max(chars) / max(page_chars, 1)
