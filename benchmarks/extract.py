@@ -11,10 +11,11 @@ decodes a WARC payload without an HTTP header (the page's charset, else UTF-8, e
 charset decodes are quarantined by the reader, so they count as no text for every engine.
 
 The pages are split once by a hash of the file name: a third is held out (``held-out``), the rest (``dev``) is what
-the ``resiliparse_pruned`` rules and the ``hybrid``'s fallback threshold were looked at against. Speed is pages/s in
-this one process (one core), every engine on the same decoded strings, the engines taking turns page by page; ratios
-against trafilatura in the same run. For ``hybrid`` the share of pages it handed to trafilatura is printed under its
-rows, and again for the real Common Crawl responses of ``crawl/CC-MAIN-2020-34-excerpt.warc.gz`` with its speed
+the ``resiliparse_pruned`` rules and the ``hybrid``'s fallback threshold were looked at against, and what
+tools/train_extract_lines.py trains ``resiliparse_classified``'s line model on (so its dev figures are in-sample).
+Speed is pages/s in this one process (one core), every engine on the same decoded strings, the engines taking turns
+page by page; ratios against trafilatura in the same run. For the hybrids the share of pages each handed to
+trafilatura is printed under its rows, and again for the real Common Crawl responses of ``crawl/CC-MAIN-2020-34-excerpt.warc.gz`` with its speed
 there (those pages have no annotations: no F1). Under each engine but trafilatura: a 95% paired-bootstrap interval
 of its F1 gap to trafilatura, all pages and held-out.
 """
