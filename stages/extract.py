@@ -161,10 +161,10 @@ def split_links(text: str) -> list[tuple[str, int]]:
 def article_containers(tree: HTMLTree):
     """The page's article container candidates, most specific selector first, each with its share of the page's
     text: per selector the largest match, if it holds at least MIN_CONTAINER_SHARE of the text."""
-    page_chars = len(tree.body.text) if tree.body is not None else 0
     by_rank: dict[int, list] = {}
     for node in tree.document.query_selector_all(_ANY_CONTAINER):  # document order, as each selector's own query
         by_rank.setdefault(container_rank(node), []).append(node)
+    page_chars = len(tree.body.text) if by_rank and tree.body is not None else 0  # the whole text: only if needed
     for rank in sorted(by_rank):
         nodes = by_rank[rank]
         chars = [len(node.text) for node in nodes]  # .text walks the subtree each time: once a node
