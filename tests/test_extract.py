@@ -313,8 +313,13 @@ def test_classified_hybrid_falls_back_only_where_the_model_is_unsure():
     hybrid = build_engine(ExtractConfig(engine="hybrid_classified"))
     hybrid.fallback = Marks()
     assert hybrid.extract(HARBOUR_PAGE) == classified and hybrid.fallbacks == 0
-    hybrid.cheap.model.max_unsure_share = -1.0  # unsure of any page
+    hybrid.cheap.max_unsure_share = -1.0  # unsure of any page
     assert hybrid.extract(HARBOUR_PAGE) == "trafilatura's text" and (hybrid.pages, hybrid.fallbacks) == (2, 1)
+    assert hybrid.cheap.scored(HARBOUR_PAGE)[0] == classified and 0 < hybrid.cheap.scored(HARBOUR_PAGE)[1] < 0.5
+    assert build_engine(ExtractConfig(engine="hybrid_classified")).cheap.max_unsure_share == LineModel().max_unsure_share
+    assert build_engine(ExtractConfig(engine="hybrid_classified", max_unsure_share=0.25)).cheap.max_unsure_share == 0.25
+    with pytest.raises(ConfigError, match="max_unsure_share"):
+        parse_config(_job(extract={"engine": "hybrid_classified", "max_unsure_share": 1.5}))
 
 
 def test_tree_training_is_deterministic_and_learns_a_known_rule():
