@@ -316,7 +316,7 @@ def line_features(texts: list[str], rows: np.ndarray, has_container: bool, conta
         return np.zeros((0, len(LINE_FEATURES)))
     # digits and capitals per line from the code points of all lines at once
     lengths = rows[:, 1]
-    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
     starts = np.concatenate(([0], np.cumsum(lengths[:-1]))).astype(np.int64)
     digits = np.add.reduceat(((codes >= 48) & (codes <= 57)).astype(np.int64), starts)
     capitals = np.add.reduceat((((codes >= 65) & (codes <= 90)) | ((codes >= 0xC0) & (codes <= 0xDE))).astype(np.int64), starts)
