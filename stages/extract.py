@@ -236,7 +236,8 @@ LINE_MODEL = Path(__file__).resolve().parent / "models" / "extract_lines.json"
 CONTAINER_START, CONTAINER_END = "\ue002" * 4, "\ue003" * 4
 # resiliparse's minimal HTML: the block each line belongs to and the links' text
 _MARKUP_TAG = re.compile(r"<(/?)([a-z][a-z0-9]*)[^<>]*>")
-_BLOCK_KINDS = {"p": "paragraph", "li": "list_item", "pre": "preformatted"} | {f"h{level}": "heading" for level in range(1, 7)}
+_BLOCK_KINDS = {"p": "paragraph", "li": "list_item", "pre": "preformatted"} | {
+    f"h{level}": "heading" for level in range(1, 7)}
 BLOCK_KINDS = ("paragraph", "heading", "list_item", "preformatted", "other")
 # per line, then the same of the line before and after, then a mean over NEIGHBOURHOOD lines either side
 _OWN = ("log_words", "log_chars", "link_share", "ends_sentence", "ends_colon", "digit_share", "upper_share",
@@ -305,8 +306,7 @@ def page_lines(html: str, skip_elements: list[str]) -> tuple[list[str], np.ndarr
                      text.count("|") >= _MENU_SEPARATORS, is_legal(text),
                      word_count >= PARAGRAPH_WORDS and ends_sentence, word_count < 4, inside)
                     + tuple(kind == block for block in BLOCK_KINDS))
-    return texts, line_features(texts, np.array(rows, dtype=np.float64).reshape(len(rows), 10 + len(BLOCK_KINDS)),
-                                container is not None, container_share)
+    return texts, line_features(texts, np.array(rows, dtype=np.float64), container is not None, container_share)
 
 
 def line_features(texts: list[str], rows: np.ndarray, has_container: bool, container_share: float) -> np.ndarray:
@@ -319,7 +319,8 @@ def line_features(texts: list[str], rows: np.ndarray, has_container: bool, conta
     codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
     starts = np.concatenate(([0], np.cumsum(lengths[:-1]))).astype(np.int64)
     digits = np.add.reduceat(((codes >= 48) & (codes <= 57)).astype(np.int64), starts)
-    capitals = np.add.reduceat((((codes >= 65) & (codes <= 90)) | ((codes >= 0xC0) & (codes <= 0xDE))).astype(np.int64), starts)
+    capital = ((codes >= 65) & (codes <= 90)) | ((codes >= 0xC0) & (codes <= 0xDE))  # ASCII and Latin-1 capitals
+    capitals = np.add.reduceat(capital.astype(np.int64), starts)
     own = np.column_stack([np.log1p(rows[:, 0]), np.log1p(lengths), rows[:, 2], rows[:, 3], rows[:, 4],
                            digits / lengths, capitals / lengths, rows[:, 5:]])
     page = np.column_stack([np.full(count, float(has_container)), np.full(count, container_share),
@@ -403,7 +404,8 @@ class ClassifiedResiliparse:
         kept = scores >= self.model.keep_above
         lengths = np.array([len(text) for text in texts])
         unsure = np.abs(scores - self.model.keep_above) < self.model.unsure_margin
-        return "\n".join(text for text, keep in zip(texts, kept) if keep), float(lengths[unsure].sum() / lengths.sum())
+        kept_text = "\n".join(text for text, keep in zip(texts, kept) if keep)
+        return kept_text, float(lengths[unsure].sum() / lengths.sum())
 
 
 class HybridExtractor:
