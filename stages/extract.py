@@ -371,6 +371,14 @@ def tree_scores(features: np.ndarray, base: float, split_features: np.ndarray, t
     return base + leaves[trees, node - split_features.shape[1]].sum(axis=1)
 
 
+def unsure_share(texts: list[str], scores: np.ndarray, keep_above: float, margin: float) -> float:
+    """The share of the page's text in lines scored within ``margin`` of the threshold (1 for a page without lines)."""
+    if not texts:
+        return 1.0
+    lengths = np.array([len(text) for text in texts])
+    return float(lengths[np.abs(scores - keep_above) < margin].sum() / lengths.sum())
+
+
 class ClassifiedResiliparse:
     """resiliparse's main-content lines of the whole page, each kept if a learned model scores it as main text
     (Boilerpipe's and Dragnet's approach: cheap per-line features, a small classifier).
@@ -395,17 +403,13 @@ class ClassifiedResiliparse:
         return text, unsure_share > self.max_unsure_share
 
     def scored(self, html: str) -> tuple[str, float]:
-        """The kept lines, and the share of the page's text in lines scored within ``unsure_margin`` of the
-        threshold (1 for a page without lines)."""
+        """The kept lines and the model's ``unsure_share`` of the page."""
         texts, features = page_lines(html, BOILERPLATE_ELEMENTS)
         if not texts:
             return "", 1.0
         scores = self.model.scores(features)
-        kept = scores >= self.model.keep_above
-        lengths = np.array([len(text) for text in texts])
-        unsure = np.abs(scores - self.model.keep_above) < self.model.unsure_margin
-        kept_text = "\n".join(text for text, keep in zip(texts, kept) if keep)
-        return kept_text, float(lengths[unsure].sum() / lengths.sum())
+        kept_text = "\n".join(text for text, score in zip(texts, scores) if score >= self.model.keep_above)
+        return kept_text, unsure_share(texts, scores, self.model.keep_above, self.model.unsure_margin)
 
 
 class HybridExtractor:

@@ -35,6 +35,7 @@ from stages.extract import (
     TrafilaturaEngine,
     page_lines,
     tree_scores,
+    unsure_share,
 )
 
 SNIPPET_WEIGHT = 10.0  # an annotated line against one labelled from trafilatura's output
@@ -103,11 +104,6 @@ def predict(trees: dict, features: np.ndarray) -> np.ndarray:
     return tree_scores(features, trees["base"], trees["split_features"], trees["thresholds"], trees["leaves"], DEPTH)
 
 
-def unsure_share(texts: list[str], line_scores: np.ndarray, threshold: float) -> float:
-    lengths = np.array([len(text) for text in texts])
-    return float(lengths[np.abs(line_scores - threshold) < UNSURE_MARGIN].sum() / lengths.sum()) if texts else 1.0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=LINE_MODEL)
@@ -135,10 +131,10 @@ def main() -> None:
 
     f1 = {t: scores([snippet_counts(page[0], kept_text(i, t)) for i, page in enumerate(dev)])["f1"] for t in THRESHOLDS}
     keep_above = max(THRESHOLDS, key=lambda t: (f1[t], -abs(t)))
-    shares = sorted((unsure_share(page[1], out_of_fold[i], keep_above) for i, page in enumerate(dev)), reverse=True)
-    max_unsure_share = shares[int(FALLBACK_SHARE * len(dev))]
-    hybrid = [snippet_counts(page[0], page[5] if unsure_share(page[1], out_of_fold[i], keep_above) > max_unsure_share
-                             else kept_text(i, keep_above)) for i, page in enumerate(dev)]
+    shares = [unsure_share(page[1], out_of_fold[i], keep_above, UNSURE_MARGIN) for i, page in enumerate(dev)]
+    max_unsure_share = sorted(shares, reverse=True)[int(FALLBACK_SHARE * len(dev))]
+    hybrid = [snippet_counts(page[0], page[5] if share > max_unsure_share else kept_text(i, keep_above))
+              for i, (page, share) in enumerate(zip(dev, shares))]
     trafilatura = [snippet_counts(page[0], page[5]) for page in dev]
     print("out-of-fold F1 by threshold: " + ", ".join(f"{t:+.1f}: {f1[t]:.3f}" for t in THRESHOLDS))
     print(f"threshold {keep_above:+.1f}; unsure above {max_unsure_share:.3f} of the text: hybrid out-of-fold F1 "
