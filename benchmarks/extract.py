@@ -11,11 +11,13 @@ decodes a WARC payload without an HTTP header (the page's charset, else UTF-8, e
 charset decodes are quarantined by the reader, so they count as no text for every engine.
 
 The pages are split once by a hash of the file name: a third is held out (``held-out``), the rest (``dev``) is what
-the ``resiliparse_pruned`` rules and the ``hybrid``'s fallback threshold were looked at against. Speed is pages/s in
-this one process (one core), every engine on the same decoded strings, the engines taking turns page by page; ratios
-against trafilatura in the same run. For ``hybrid`` the share of pages it handed to trafilatura is printed under its
-rows, and again for the real Common Crawl responses of ``crawl/CC-MAIN-2020-34-excerpt.warc.gz`` with its speed
-there (those pages have no annotations: no F1). Under each engine but trafilatura: a 95% paired-bootstrap interval
+the ``resiliparse_pruned`` rules and the ``hybrid``'s fallback threshold were looked at against, and what
+tools/train_extract_lines.py trains ``resiliparse_classified``'s line model on (so its dev figures are in-sample).
+Speed is pages/s in this one process (one core), every engine on the same decoded strings, the engines taking turns
+page by page; ratios against trafilatura in the same run. For the hybrids the share of pages each handed to
+trafilatura is printed under its rows. Every engine's speed against trafilatura is measured again on the real Common
+Crawl responses of ``crawl/CC-MAIN-2020-34-excerpt.warc.gz``, with the hybrids' fallback share there (those pages
+have no annotations: no F1). Under each engine but trafilatura: a 95% paired-bootstrap interval
 of its F1 gap to trafilatura, all pages and held-out.
 """
 
@@ -38,7 +40,8 @@ PAGES = DATA / "html/trafilatura-eval-pages.tar.gz"
 ANNOTATIONS = DATA / "html/trafilatura-evaldata.json"
 CRAWL = DATA / "crawl/CC-MAIN-2019-30-extracted.jsonl.gz"
 CC_WARC = DATA / "crawl/CC-MAIN-2020-34-excerpt.warc.gz"
-ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid")
+ENGINES = ("trafilatura", "resiliparse", "resiliparse_pruned", "hybrid", "resiliparse_classified", "hybrid_classified")
+HYBRIDS = ("hybrid", "hybrid_classified")
 
 
 def is_held_out(file_name: str) -> bool:
@@ -108,18 +111,57 @@ def run_engines(names: list[str], pages: list[tuple[dict, str]], repeat: int) ->
     return {name: (texts[name], len(pages) / seconds[name], engines[name]) for name in names}
 
 
-def crawl_fallback_share(repeat: int) -> None:
-    """The hybrid on real Common Crawl responses (home pages, shops, forums as well as articles): how often it falls
-    back there, and its speed against trafilatura on the same pages. No annotations: no F1."""
+def unsure_trade_off(pages: list[tuple[dict, str]], held_out: list[bool], repeat: int) -> None:
+    """``hybrid_classified`` at other unsure cuts than its model's: F1 and speed against the share of pages trafilatura
+    redoes. One pass times, per page, the classified text with its unsure share, trafilatura fast (the hybrids'
+    fallback) and trafilatura (the baseline); each cut's time is then its cheap time plus the fast fallback's on the
+    pages it sends."""
+    from stages.extract import ClassifiedResiliparse, ExtractConfig, TrafilaturaEngine
+
+    cheap = ClassifiedResiliparse(ExtractConfig())
+    fallback, baseline = TrafilaturaEngine(ExtractConfig(), fast=True), TrafilaturaEngine(ExtractConfig())
+    rows = []  # (cheap text, unsure share, fallback text, cheap s, fallback s, baseline s)
+    for _, html in pages:
+        timed = []
+        for extract in (cheap.scored, fallback.extract, baseline.extract):
+            fastest, result = float("inf"), None
+            for _ in range(repeat):
+                started = time.perf_counter()
+                result = extract(html) if html else None
+                fastest = min(fastest, time.perf_counter() - started)
+            timed.append((result, fastest))
+        (scored, cheap_s), (fallback_text, fallback_s), (_, baseline_s) = timed
+        text, share = scored if scored else ("", 1.0)
+        rows.append((text, share, fallback_text, cheap_s, fallback_s, baseline_s))
+    baseline_total = sum(row[5] for row in rows)
+    print(f"\nhybrid_classified by unsure cut (the model's: {cheap.max_unsure_share:.3f}); speed = trafilatura's time "
+          "over the classified text's plus trafilatura fast's on the pages sent")
+    print(f"{'cut':>6} {'sent':>6} {'F1 all':>7} {'dev':>6} {'held-out':>8} {'speed':>6}")
+    for cut in sorted({0.2, 0.3, 0.4, 0.5, 0.6, 0.7, cheap.max_unsure_share}):
+        sent = [row[1] > cut for row in rows]
+        counts = [snippet_counts(entry, (row[2] or row[0]) if send else row[0])
+                  for (entry, _), row, send in zip(pages, rows, sent)]
+        f1 = [scores([c for c, h in zip(counts, held_out) if keep(h)])["f1"]
+              for keep in (lambda h: True, lambda h: not h, lambda h: h)]
+        seconds = sum(row[3] + (row[4] if send else 0.0) for row, send in zip(rows, sent))
+        print(f"{cut:6.3f} {sum(sent) / len(sent):6.1%} {f1[0]:7.3f} {f1[1]:6.3f} {f1[2]:8.3f} "
+              f"{baseline_total / seconds:5.1f}x")
+
+
+def crawl_speed(names: list[str], repeat: int) -> None:
+    """The engines on real Common Crawl responses (home pages, shops, forums as well as articles): their speed against
+    trafilatura on the same pages, and how often each hybrid falls back there. No annotations: no F1."""
     from stages.readers import InputReader, ReadConfig
 
     pages = [(None, doc.text) for doc in InputReader(CC_WARC, "warc", "cc", ReadConfig()).run()
              if doc.metadata["kind"] == "html"]
-    results = run_engines(["trafilatura", "hybrid"], pages, repeat)
-    (_, base, _), (_, speed, hybrid) = results["trafilatura"], results["hybrid"]
-    print(f"\nhybrid on the {len(pages)} CC responses of {CC_WARC.name}: trafilatura ran on "
-          f"{hybrid.fallbacks / hybrid.pages:.0%} of them; {speed:.1f} pages/s vs trafilatura {base:.1f} "
-          f"({speed / base:.1f}x)")
+    results = run_engines(["trafilatura", *names], pages, repeat)
+    base = results["trafilatura"][1]
+    print(f"\nthe {len(pages)} CC responses of {CC_WARC.name}: trafilatura {base:.1f} pages/s")
+    for name in names:
+        _, speed, engine = results[name]
+        fallbacks = f"; trafilatura ran on {engine.fallbacks / engine.pages:.0%} of them" if name in HYBRIDS else ""
+        print(f"  {name:<22} {speed:8.1f} pages/s ({speed / base:.1f}x){fallbacks}")
 
 
 def langid_speed(repeat: int) -> None:
@@ -154,6 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--repeat", type=int, default=1, help="runs of each engine on each page; the fastest counts")
+    parser.add_argument("--unsure-cuts", action="store_true", help="hybrid_classified's F1 and speed at other cuts")
     args = parser.parse_args()
 
     pages = annotated_pages()
@@ -180,8 +223,11 @@ def main() -> None:
                          (("all", range(len(pages))), ("held-out", [i for i, h in enumerate(held_out) if h]))
                          for low, high in [f1_gap_interval(counts, base_counts, list(chosen))]]
             print(f"{'':<20} F1 - trafilatura's, 95% paired bootstrap over pages: {', '.join(intervals)}")
-    if "hybrid" in args.engines:
-        crawl_fallback_share(args.repeat)
+    if args.unsure_cuts:
+        unsure_trade_off(pages, held_out, args.repeat)
+    others = [name for name in args.engines if name != "trafilatura"]
+    if "trafilatura" in args.engines and others:
+        crawl_speed(others, args.repeat)
     langid_speed(max(args.repeat, 3))
 
 
