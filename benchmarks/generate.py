@@ -2,8 +2,8 @@
 
 The setup mirrors a real deployment, scaled to a CPU: a target whose decode step is dominated by streaming its
 weights (a 6-layer, 512-wide MiniCPM4-architecture model trained briefly by model/train.py on TinyShakespeare;
-acceptance depends on how well the draft matches the target, not on how good the target is) and a draft about
-10x smaller per step (two 128-wide layers with the target's tokenizer and vocabulary), distilled on the target's
+acceptance depends on how well the draft matches the target, not on how good the target is) and a draft 6-9x
+cheaper per step (two 128-wide layers with the target's tokenizer and vocabulary), distilled on the target's
 own outputs: greedy and sampled continuations of 2048 corpus prompts (half of them at T=0.7, the temperature the
 benchmark and the UltraChat job sample at), each position labelled with the
 target's next-token distribution (top-k soft labels, forward KL), as DistillSpec / EAGLE-style drafts are. The
