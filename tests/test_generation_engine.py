@@ -129,10 +129,19 @@ def uneven_alone(models, tokenizer, uneven_settings):
     return [engine.generate([p], uneven_settings)[0] for p in UNEVEN_PROMPTS]
 
 
-def decode_batch_sizes(model: nn.Module) -> tuple[list[int], object]:
-    """Record the batch size of every decoding step of a model (prefill goes through final_hidden, not forward)."""
+def decode_batch_sizes(engine: GenerationEngine) -> list[int]:
+    """Record the batch size of every decoding step of the engine's target (the passes that need logits; a prefill
+    only fills a cache)."""
     sizes: list[int] = []
-    return sizes, model.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+    forward = engine._forward
+
+    def recording(model, tokens, *args, last, **kwargs):
+        if model is engine.target and last:
+            sizes.append(tokens.shape[0])
+        return forward(model, tokens, *args, last=last, **kwargs)
+
+    engine._forward = recording
+    return sizes
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
@@ -148,11 +157,8 @@ def test_batches_of_uneven_rows_equal_each_prompt_alone(models, tokenizer, frequ
         max_batch_size=batch_size,
         speculative=SpeculativeConfig(num_draft_tokens=3, max_draft_tokens=5, draft_cost_ratio=0.1),
     )
-    sizes, hook = decode_batch_sizes(models.target)
-    try:
-        results = engine.generate(UNEVEN_PROMPTS, uneven_settings)
-    finally:
-        hook.remove()
+    sizes = decode_batch_sizes(engine)
+    results = engine.generate(UNEVEN_PROMPTS, uneven_settings)
     for alone, batched in zip(uneven_alone, results):
         assert batched.token_ids == alone.token_ids
         assert batched.text == alone.text and batched.finish_reason == alone.finish_reason
@@ -172,14 +178,11 @@ def test_static_batches_keep_finished_rows_until_the_batch_ends(models, tokenize
     """The static baseline decodes as Hugging Face's generate: each batch of 3 runs, all 3 rows wide, until its
     longest row ends (one target step per token of that row); continuous batching takes fewer steps, same outputs."""
     engine = GenerationEngine(models.target, tokenizer, max_batch_size=3, continuous_batching=False)
-    sizes, hook = decode_batch_sizes(models.target)
-    try:
-        static = engine.generate(UNEVEN_PROMPTS, uneven_settings)
-        static_sizes = list(sizes)
-        engine.continuous_batching = True
-        continuous = engine.generate(UNEVEN_PROMPTS, uneven_settings)
-    finally:
-        hook.remove()
+    sizes = decode_batch_sizes(engine)
+    static = engine.generate(UNEVEN_PROMPTS, uneven_settings)
+    static_sizes = list(sizes)
+    engine.continuous_batching = True
+    continuous = engine.generate(UNEVEN_PROMPTS, uneven_settings)
     lengths = [len(g.token_ids) for g in uneven_alone]
     expected = [size for begin in range(0, len(lengths), 3)
                 for size in [len(lengths[begin : begin + 3])] * max(lengths[begin : begin + 3])]
@@ -325,9 +328,6 @@ class BigramLM(nn.Module):
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.embed[input_ids]
-
-    def forward(self, input_ids, *, attention_mask=None, position_ids=None, cache=None):
-        return SimpleNamespace(logits=self.final_hidden(input_ids, cache=cache, attention_mask=attention_mask) @ self.head.T)
 
 
 def bigram_tokenizer(vocab_size: int):

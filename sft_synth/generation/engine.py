@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tokenizers import Tokenizer
 from torch import nn
+from torch.nn import functional as F
 
 from .chat_template import IM_END, apply_chat_template
 from .frspec import FRSpecHead, TokenFrequencies
@@ -151,9 +152,9 @@ def _parameter_count(model: nn.Module) -> int:
 class GenerationEngine:
     """Generates from a MiniCPM-contract target, optionally drafting with a smaller model on the same tokenizer.
 
-    target / draft: models with forward(input_ids, attention_mask=, position_ids=, cache=) -> .logits,
-    final_hidden(...) (hidden states before the LM head), lm_head_weight() and new_cache(batch, max_len, device=,
-    dtype=), whose caches have .length, .max_len and per-layer .keys / .values [B, heads, max_len, head_dim].
+    target / draft: models with final_hidden(input_ids, attention_mask=, position_ids=, cache=) (hidden states
+    before the LM head: hidden @ lm_head_weight().T are the logits), lm_head_weight() and new_cache(batch, max_len,
+    device=, dtype=), whose caches have .length, .max_len and per-layer .keys / .values [B, heads, max_len, head_dim].
     max_batch_size is the number of decoding slots; more prompts wait for a slot. continuous_batching=False decodes
     static batches as Hugging Face's generate does: a finished row keeps its slot (decoding on, its tokens dropped)
     until every row of its batch has finished, the baseline that continuous batching is measured against.
@@ -291,10 +292,13 @@ class GenerationEngine:
             "position_ids": positions[:, start:end],
             "cache": cache,
         }
-        if last == 0 or head is not None:
-            hidden = model.final_hidden(tokens, **kwargs)
-            return head(hidden[:, -last:]).float() if last else None
-        return model(tokens, **kwargs).logits[:, -last:]
+        hidden = model.final_hidden(tokens, **kwargs)
+        if last == 0:
+            return None
+        # The LM head over the last positions only: the draft's first pass of a step feeds every token its cache
+        # lacks, and a full-vocabulary head over all of them costs as much as the draft's layers.
+        hidden = hidden[:, -last:]
+        return (head(hidden) if head is not None else F.linear(hidden, model.lm_head_weight())).float()
 
     def _prefill(self, model, seq, mask, cache) -> None:
         """Fill a cache with all but the last token, in chunks so that long prompts keep activations bounded."""
