@@ -7,8 +7,11 @@ configs/ultrachat.yaml, one chunk per family, so every turn hands the engine mor
 slots. Static batching decodes them batch_size at a time, each batch until its longest answer ends; continuous
 batching gives a finished row's slot to the next prompt at once. Answers end at a blank line (the target writes
 TinyShakespeare speeches, whose lengths vary as chat answers do) or at max_new_tokens. Figures are ratios against
-plain static batching in the same process. Greedy decoding must give identical dialogues in every mode (both
-batching and speculation are lossless); sampled runs are compared on speed only.
+plain static batching in the same process. Every mode but the last reuses earlier turns' keys and values through
+the prefix cache, as the job does (configs/ultrachat.yaml's prefix_cache_tokens; each family's chunk starts with an
+empty cache); the last mode prefills every prompt whole, which measures the cache. Greedy decoding must give
+identical dialogues in every mode (batching, speculation and prefix reuse are lossless); sampled runs are compared
+on speed only.
 
     python benchmarks/ultrachat.py                               # CPU, small sizes (trains the pair first)
     python benchmarks/ultrachat.py --target T --draft D          # an existing pair
@@ -36,9 +39,10 @@ sys.path.insert(0, str(REPO))
 
 from core.figures import save_figure
 from core.io import atomic_write_text
-from sft_synth.config import UltraChatConfig, parse_config
+from sft_synth.config import DEFAULT_CONFIG, UltraChatConfig, parse_config
 from sft_synth.dialogue import DialogueSynthesizer
 from sft_synth.generation import GenerationEngine, SpeculativeConfig
+from sft_synth.generation.prefix_cache import PrefixCache
 from sft_synth.seeds import build_seeds
 
 SHAKESPEARE = Path("../shared/data/text/tinyshakespeare.txt")
@@ -46,11 +50,12 @@ SIZES = {
     "small": {"seeds_per_family": 12, "turns": 2, "max_new_tokens": 128, "batch_size": 4},
     "large": {"seeds_per_family": 64, "turns": 3, "max_new_tokens": 256, "batch_size": 16},
 }
-MODES = {  # name: (speculative decoding, static batches)
-    "plain, static": (False, True),
-    "plain, continuous": (False, False),
-    "speculative, static": (True, True),
-    "speculative, continuous": (True, False),
+MODES = {  # name: (speculative decoding, static batches, prefix cache)
+    "plain, static": (False, True, True),
+    "plain, continuous": (False, False, True),
+    "speculative, static": (True, True, True),
+    "speculative, continuous": (True, False, True),
+    "speculative, continuous, no prefix cache": (True, False, False),
 }
 
 
@@ -82,24 +87,31 @@ def benchmark_config(work: Path, size: dict, temperature: float, speculative: bo
 
 
 class MeasuredEngine:
-    """The engine as the synthesizer sees it, counting target forward passes and the tokens they committed.
+    """The engine as the synthesizer sees it, counting target forward passes, the tokens they committed and the
+    prompt tokens the prefix cache saved from prefill.
 
-    static: each call's prompts are decoded batch-size at a time, each batch to its end (static batching)."""
+    static: each call's prompts are decoded batch-size at a time, each batch to its end (static batching).
+    prefix_cache: the engine's cache, or None to prefill every prompt whole."""
 
-    def __init__(self, engine: GenerationEngine, static: bool):
-        self.engine, self.static, self.target_steps, self.lengths = engine, static, 0, []
+    def __init__(self, engine: GenerationEngine, static: bool, prefix_cache: PrefixCache | None):
+        self.engine, self.static, self.prefix_cache, self.target_steps, self.lengths = engine, static, prefix_cache, 0, []
         self.tokenizer, self.target = engine.tokenizer, engine.target
+        self.prompt_tokens = self.reused_prompt_tokens = 0
 
     def generate(self, prompts, settings):
         self.engine.continuous_batching = not self.static
+        self.engine.prefix_cache = self.prefix_cache
         generations = self.engine.generate(prompts, settings)
         self.target_steps += sum(g.stats.target_steps for g in generations)
         self.lengths += [len(g.token_ids) for g in generations]
+        self.prompt_tokens += sum(len(g.prompt_token_ids) for g in generations)
+        self.reused_prompt_tokens += sum(g.stats.reused_prompt_tokens for g in generations)
         return generations
 
 
-def run_synthesis(engine: GenerationEngine, config: UltraChatConfig, seeds: dict, static: bool, device) -> dict:
-    engine = MeasuredEngine(engine, static)
+def run_synthesis(engine: GenerationEngine, config: UltraChatConfig, seeds: dict, static: bool,
+                  prefix_cache: PrefixCache | None, device) -> dict:
+    engine = MeasuredEngine(engine, static, prefix_cache)
     dialogues, tokens = [], 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,6 +128,7 @@ def run_synthesis(engine: GenerationEngine, config: UltraChatConfig, seeds: dict
     return {"dialogues": len(dialogues), "tokens": tokens, "seconds": seconds,
             "dialogues_per_s": len(dialogues) / seconds, "tokens_per_s": tokens / seconds,
             "mean_accepted_length": sum(lengths) / max(engine.target_steps, 1),
+            "prompt_tokens": engine.prompt_tokens, "reused_prompt_tokens": engine.reused_prompt_tokens,
             "message_tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
             "messages": [r["messages"] for r in dialogues]}
 
@@ -172,20 +185,24 @@ def main() -> None:
         speculative = SpeculativeConfig(**json.loads(args.costs.read_text())["controller_costs"]["speculative+FR-Spec"])
     engine = GenerationEngine.from_pretrained(target_dir, draft_dir, device=device, speculative=speculative,
                                               max_batch_size=size["batch_size"])
+    job_config = parse_config(yaml.safe_load(DEFAULT_CONFIG.read_text()), str(DEFAULT_CONFIG))
+    prefix_cache_tokens = job_config.models.prefix_cache_tokens
+    prefix_cache = PrefixCache(prefix_cache_tokens)
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     report = {"size": args.size, "device": str(device), "threads": torch.get_num_threads(),
               "frspec": engine.frspec_head is not None, "batch_size": size["batch_size"],
-              "speculative": engine.speculative.model_dump(), "runs": {}}
+              "speculative": engine.speculative.model_dump(), "prefix_cache_tokens": prefix_cache_tokens, "runs": {}}
     for temperature in (float(t) for t in args.temperatures.split(",")):
         configs = {speculative: benchmark_config(work, size, temperature, speculative) for speculative in (False, True)}
         seeds = build_seeds(configs[False], REPO)
         name = "greedy" if temperature == 0 else f"T={temperature}"
         runs = {}
         for _ in range(args.rounds):  # interleaved, best of rounds: robust to other load on the machine
-            for mode, (speculative, static) in MODES.items():
-                run = run_synthesis(engine, configs[speculative], seeds, static, device)
+            for mode, (speculative, static, cached) in MODES.items():
+                run = run_synthesis(engine, configs[speculative], seeds, static, prefix_cache if cached else None,
+                                    device)
                 if mode not in runs or run["seconds"] < runs[mode]["seconds"]:
                     runs[mode] = run
         report["runs"][name] = runs
@@ -193,16 +210,21 @@ def main() -> None:
         print(f"\n{name}: {base['dialogues']} dialogues ({len(seeds)} families x {size['seeds_per_family']}, "
               f"{size['turns']} turns, <= {size['max_new_tokens']} new tokens per message), {size['batch_size']} "
               "decoding slots")
-        print(f"  {'mode':<25}{'dialogues/s':>12}{'tokens/s':>10}{'tokens':>8}{'vs plain static':>17}"
-              f"{'accepted length':>17}  message tokens min/median/max")
+        print(f"  {'mode':<42}{'dialogues/s':>12}{'tokens/s':>10}{'tokens':>8}{'vs plain static':>17}"
+              f"{'accepted length':>17}{'prompt reused':>15}  message tokens min/median/max")
         for mode, figures in runs.items():
             spread = figures["message_tokens"]
-            print(f"  {mode:<25}{figures['dialogues_per_s']:>12.3f}{figures['tokens_per_s']:>10.1f}"
+            reused = figures["reused_prompt_tokens"] / max(figures["prompt_tokens"], 1)
+            print(f"  {mode:<42}{figures['dialogues_per_s']:>12.3f}{figures['tokens_per_s']:>10.1f}"
                   f"{figures['tokens']:>8}{figures['tokens_per_s'] / base['tokens_per_s']:>16.2f}x"
-                  f"{figures['mean_accepted_length']:>17.2f}  {spread['min']}/{spread['median']}/{spread['max']}")
+                  f"{figures['mean_accepted_length']:>17.2f}{reused:>14.0%}  "
+                  f"{spread['min']}/{spread['median']}/{spread['max']}")
         for decoding in ("plain", "speculative"):
             ratio = runs[f"{decoding}, continuous"]["tokens_per_s"] / runs[f"{decoding}, static"]["tokens_per_s"]
             print(f"  continuous vs static batching, {decoding} decoding: {ratio:.2f}x")
+        cached = runs["speculative, continuous"]["tokens_per_s"]
+        print(f"  prefix cache vs none, speculative continuous: "
+              f"{cached / runs['speculative, continuous, no prefix cache']['tokens_per_s']:.2f}x")
         if temperature == 0:
             identical = all(r["messages"] == base["messages"] for r in runs.values())
             print(f"  greedy dialogues identical in every mode: {identical}")

@@ -30,6 +30,9 @@ class ModelsConfig(Strict):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     max_batch_size: PositiveInt = 16
+    prefix_cache_tokens: NonNegativeInt = Field(
+        32768, description="tokens of finished prompts and answers whose keys and values later turns reuse (0: off)"
+    )
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
 

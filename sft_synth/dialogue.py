@@ -7,7 +7,9 @@ In the tool-use family the first assistant turn is a function call (written free
 schema), answered by a tool simulator, after which the assistant replies to the user.
 
 Sampling seeds are derived from (run seed, family, chunk, turn, role), so a chunk regenerates identically
-whichever actor runs it.
+whichever actor runs it. For the same reason a chunk starts with an empty prefix cache: its later turns reuse its
+own earlier turns, never what another chunk left in the engine (a reused key differs from a recomputed one in the
+last bits, which could change a sampled token).
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class DialogueSynthesizer:
         return render_prompt(messages, tools, template=self.template)
 
     def synthesize(self, seeds: list[Seed], chunk: int) -> list[dict]:
+        if self.engine.prefix_cache is not None:
+            self.engine.prefix_cache.clear()
         states = [_State(seed, [{"role": "system", "content": self.config.system_prompt}]) for seed in seeds]
         for turn in range(self.config.turns):
             self._user_turn(states, chunk, turn)

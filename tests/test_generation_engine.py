@@ -20,6 +20,7 @@ from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.tokenizer import train_bpe_tokenizer
 from sft_synth.generation import GenerationEngine, GenerationSettings, SpeculativeConfig, TokenFrequencies
 from sft_synth.generation.frspec import tokenizer_fingerprint
+from sft_synth.generation.prefix_cache import BLOCK_TOKENS, PrefixCache
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -191,6 +192,58 @@ def test_static_batches_keep_finished_rows_until_the_batch_ends(models, tokenize
     for alone, a, b in zip(uneven_alone, static, continuous):
         assert a.token_ids == b.token_ids == alone.token_ids and a.text == alone.text
         assert a.stats.target_steps == len(alone.token_ids)
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+@pytest.mark.parametrize("draft_name", [None, "close_draft"])
+def test_prefix_cache_reuses_the_first_turn_and_changes_no_output(models, tokenizer, uneven_settings, draft_name,
+                                                                  continuous):
+    """Second-turn prompts that begin with the first turn's prompt and answer take their keys and values from the
+    prefix cache (all of the context but the answer's last token, which no cache held when the row ended) and decode
+    exactly what an engine without the cache decodes."""
+    def engine(prefix_cache_tokens):
+        return GenerationEngine(
+            models.target, tokenizer, getattr(models, draft_name) if draft_name else None, max_batch_size=3,
+            continuous_batching=continuous, prefix_cache_tokens=prefix_cache_tokens,
+            speculative=SpeculativeConfig(num_draft_tokens=3, max_draft_tokens=5, draft_cost_ratio=0.1),
+        )
+
+    warm, cold = engine(4096), engine(0)
+    first_prompts = [warm.encode_prompt(p) for p in UNEVEN_PROMPTS]
+    first = warm.generate_from_ids(first_prompts, uneven_settings)
+    assert [g.token_ids for g in first] == [g.token_ids for g in cold.generate_from_ids(first_prompts, uneven_settings)]
+    assert all(g.stats.reused_prompt_tokens == 0 for g in first)
+    follow_up = tokenizer.encode(" Speak again, and tell me more.").ids
+    second_prompts = [p + g.token_ids + follow_up for p, g in zip(first_prompts, first)]
+    second = warm.generate_from_ids(second_prompts, uneven_settings)
+    expected = cold.generate_from_ids(second_prompts, uneven_settings)
+    assert [g.token_ids for g in second] == [g.token_ids for g in expected]
+    for prompt, answer, again in zip(first_prompts, first, second):
+        context = len(prompt) + len(answer.token_ids) - 1
+        reused = again.stats.reused_prompt_tokens
+        assert context <= reused < len(again.prompt_token_ids) if context >= BLOCK_TOKENS else reused == 0
+    assert sum(g.stats.reused_prompt_tokens > 0 for g in second) >= len(second) // 2
+
+
+def test_prefix_cache_finds_the_longest_prefix_and_evicts_the_least_recently_used():
+    def kv(n):
+        return {0: ([torch.zeros(1, n, 2)], [torch.zeros(1, n, 2)])}
+
+    cache = PrefixCache(capacity_tokens=100)
+    a, b, c, d = (list(range(start, start + n)) for start, n in ((0, 40), (100, 50), (200, 30), (300, 30)))
+    cache.store(a, kv(40))
+    cache.store(a[:10], kv(10))  # under one block: nothing to find it by, so not kept
+    assert cache.tokens == 40
+    entry, length = cache.lookup(a[:35] + [999, 1000])  # two whole blocks found by hash, 3 more tokens compared
+    assert entry.token_ids == a and length == 35
+    assert cache.lookup(a[:15] + [7] * 20) == (None, 0)  # shares less than one block
+    assert cache.lookup([5, *a]) == (None, 0)
+    cache.store(b, kv(50))
+    cache.store(c, kv(30))  # 120 tokens > 100: a, the least recently used, goes
+    assert cache.lookup(a) == (None, 0) and cache.tokens == 80
+    assert cache.lookup(c)[1] == 30 and cache.lookup(b)[1] == 50  # b is now the most recently used
+    cache.store(d, kv(30))
+    assert cache.lookup(c) == (None, 0) and cache.lookup(b)[1] == 50 and cache.lookup(d)[1] == 30
 
 
 def test_speculative_sampling_is_deterministic_by_seed(models, tokenizer, frequencies):

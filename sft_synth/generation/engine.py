@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from .chat_template import IM_END, apply_chat_template
 from .frspec import FRSpecHead, TokenFrequencies
+from .prefix_cache import PrefixCache
 from .sampling import GenerationSettings, apply_repetition_penalty, logits_to_probs, sample
 from .speculative import DraftLengthController, StepCost, verify_greedy, verify_sampling
 
@@ -84,6 +85,7 @@ class GenerationStats:
     accepted_lengths: list[int] = field(default_factory=list)  # tokens committed per target step
     drafted_tokens: int = 0
     accepted_drafts: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens whose target keys and values came from the prefix cache
 
     @property
     def mean_accepted_length(self) -> float:
@@ -158,6 +160,8 @@ class GenerationEngine:
     max_batch_size is the number of decoding slots; more prompts wait for a slot. continuous_batching=False decodes
     static batches as Hugging Face's generate does: a finished row keeps its slot (decoding on, its tokens dropped)
     until every row of its batch has finished, the baseline that continuous batching is measured against.
+    prefix_cache_tokens > 0 keeps the keys and values of finished rows (prompt and answer, both models) up to that
+    many tokens, and a prompt that begins with one of them prefills only the rest (see prefix_cache).
     """
 
     def __init__(
@@ -172,11 +176,13 @@ class GenerationEngine:
         max_batch_size: int = 16,
         prefill_chunk_size: int = 1024,
         continuous_batching: bool = True,
+        prefix_cache_tokens: int = 0,
     ):
         self.target, self.draft, self.tokenizer = target.eval(), draft, tokenizer
         self.speculative = speculative or SpeculativeConfig()
         self.max_batch_size, self.prefill_chunk_size = max_batch_size, prefill_chunk_size
         self.continuous_batching = continuous_batching
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.bos_id = tokenizer.token_to_id("<s>") if add_bos else None
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True but the tokenizer has no <s> token")
@@ -301,8 +307,9 @@ class GenerationEngine:
         return (head(hidden) if head is not None else F.linear(hidden, model.lm_head_weight())).float()
 
     def _prefill(self, model, seq, mask, cache) -> None:
-        """Fill a cache with all but the last token, in chunks so that long prompts keep activations bounded."""
-        for start in range(0, seq.shape[1] - 1, self.prefill_chunk_size):
+        """Fill a cache with all but the last token from where it stands, in chunks so that long prompts keep
+        activations bounded."""
+        for start in range(cache.length, seq.shape[1] - 1, self.prefill_chunk_size):
             end = min(start + self.prefill_chunk_size, seq.shape[1] - 1)
             self._forward(model, seq[:, start:end], mask, cache, last=0)
 
@@ -433,18 +440,43 @@ class GenerationEngine:
 
     def _admit(self, admitted: list[_Row], slots: torch.Tensor, end: int, models: list, caches: list,
                seq: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor | None) -> None:
-        """Prefill new prompts together and write them into empty slots: all but their last token right-aligned to
-        column `end` (their cache columns too), the last token in the last column; what lies between stays masked."""
+        """Prefill new prompts and write them into empty slots: all but their last token right-aligned to column
+        `end` (their cache columns too), the last token in the last column; what lies between stays masked. Prompts
+        that begin with a cached prefix are prefilled one by one from its end, the others together."""
         prompt_len = max(len(row.prompt_token_ids) for row in admitted)
         new_seq, new_mask = self._left_padded([row.prompt_token_ids for row in admitted], prompt_len)
         start = end - (prompt_len - 1)
         seq[slots, start:end], mask[slots, start:end] = new_seq[:, :-1], new_mask[:, :-1]
         seq[slots, -1], mask[slots, -1] = new_seq[:, -1], 1
-        for model, cache in zip(models, caches):
-            fresh = self._new_cache(model, len(admitted), prompt_len)
-            self._prefill(model, new_seq, new_mask, fresh)
-            for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
-                tensor[slots, :, start:end] = fresh_tensor[:, :, : prompt_len - 1]
+        hits = {}
+        if self.prefix_cache is not None:
+            for i, row in enumerate(admitted):
+                entry, length = self.prefix_cache.lookup(row.prompt_token_ids[:-1])
+                if entry is not None:
+                    hits[i] = entry, length
+        together = [i for i in range(len(admitted)) if i not in hits]
+        if together:
+            group_len = max(len(admitted[i].prompt_token_ids) for i in together)
+            group_seq, group_mask = new_seq[together, -group_len:], new_mask[together, -group_len:]
+            for model, cache in zip(models, caches):
+                fresh = self._new_cache(model, len(together), group_len)
+                self._prefill(model, group_seq, group_mask, fresh)
+                for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
+                    tensor[slots[together], :, end - (group_len - 1) : end] = fresh_tensor[:, :, : group_len - 1]
+        for i, (entry, length) in hits.items():
+            prompt = admitted[i].prompt_token_ids
+            ids = torch.tensor([prompt], device=self.device)
+            for m, (model, cache) in enumerate(zip(models, caches)):
+                fresh = self._new_cache(model, 1, len(prompt))
+                if m in entry.kv:
+                    fresh.length = min(length, entry.kv[m][0][0].shape[1])
+                    for stored, tensor in zip([*entry.kv[m][0], *entry.kv[m][1]], _cache_tensors(fresh)):
+                        tensor[0, :, : fresh.length] = stored[:, : fresh.length]
+                    if m == 0:
+                        admitted[i].stats.reused_prompt_tokens = fresh.length
+                self._prefill(model, ids, torch.ones_like(ids), fresh)
+                for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
+                    tensor[slots[i], :, end - (len(prompt) - 1) : end] = fresh_tensor[0, :, : len(prompt) - 1]
         if seen is not None:
             vocab = self.target.config.vocab_size
             seen[slots] = seen[slots].scatter(1, torch.where(new_mask.bool(), new_seq, vocab), True)
@@ -513,7 +545,20 @@ class GenerationEngine:
             before = len(row.token_ids)
             self._commit(row, draft_rows[i][: accepted[i]] + [next_tokens[i]], settings, stop_ids)
             row.stats.accepted_lengths.append(len(row.token_ids) - before)
+            if row.finish_reason is not None and self.prefix_cache is not None:
+                self._remember(running, i)
         return accepted
+
+    def _remember(self, running: _Running, i: int) -> None:
+        """Keep row i's tokens that the target's cache holds (prompt and answer; past a stop token too, harmless:
+        a prefix's keys and values do not depend on what follows it), with each model's keys and values."""
+        kv = {}
+        for m, cache in enumerate(running.caches):
+            real = running.mask[i, : cache.length].bool()
+            kv[m] = ([k[i, :, : cache.length][:, real] for k in cache.keys],
+                     [v[i, :, : cache.length][:, real] for v in cache.values])
+        held = running.caches[0].length
+        self.prefix_cache.store(running.seq[i, :held][running.mask[i, :held].bool()].tolist(), kv)
 
     def _propose(self, k, seq, full_mask, positions, padded, draft_cache, seen, settings, generator):
         """Draft k tokens per row, one draft forward each; returns them [B, k] and their distributions.
