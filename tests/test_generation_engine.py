@@ -225,6 +225,25 @@ def test_prefix_cache_reuses_the_first_turn_and_changes_no_output(models, tokeni
     assert sum(g.stats.reused_prompt_tokens > 0 for g in second) >= len(second) // 2
 
 
+def test_a_prompt_admitted_while_another_decodes_reuses_its_prompt(models, tokenizer, uneven_settings, uneven_alone):
+    """Two slots: the shorter answer ends first and its slot takes a prompt that extends the other, still decoding,
+    prompt; that prompt's keys and values are in the cache from its prefill on, so all of it is reused."""
+    lengths = [len(g.token_ids) for g in uneven_alone]
+    long_prompts = [i for i, g in enumerate(uneven_alone) if len(g.prompt_token_ids) > BLOCK_TOKENS + 1]
+    decoding = max(long_prompts, key=lambda i: lengths[i])
+    ending = min(range(len(lengths)), key=lambda i: lengths[i])
+    assert lengths[ending] < lengths[decoding]
+    warm = GenerationEngine(models.target, tokenizer, max_batch_size=2, prefix_cache_tokens=4096)
+    first = uneven_alone[decoding].prompt_token_ids
+    prompts = [first, uneven_alone[ending].prompt_token_ids, first + tokenizer.encode(" and more").ids]
+    results = warm.generate_from_ids(prompts, uneven_settings)
+    expected = GenerationEngine(models.target, tokenizer, max_batch_size=2).generate_from_ids(prompts, uneven_settings)
+    assert [g.token_ids for g in results] == [g.token_ids for g in expected]
+    assert results[2].stats.reused_prompt_tokens == len(first) - 1
+    # When the rows end, each prompt entry gives way to its prompt and answer: one entry per row remains.
+    assert len(warm.prefix_cache) == sum(len(p) - 1 >= BLOCK_TOKENS for p in prompts)
+
+
 def test_prefix_cache_finds_the_longest_prefix_and_evicts_the_least_recently_used():
     def kv(n):
         return {0: ([torch.zeros(1, n, 2)], [torch.zeros(1, n, 2)])}
@@ -242,8 +261,10 @@ def test_prefix_cache_finds_the_longest_prefix_and_evicts_the_least_recently_use
     cache.store(c, kv(30))  # 120 tokens > 100: a, the least recently used, goes
     assert cache.lookup(a) == (None, 0) and cache.tokens == 80
     assert cache.lookup(c)[1] == 30 and cache.lookup(b)[1] == 50  # b is now the most recently used
-    cache.store(d, kv(30))
+    entry = cache.store(d, kv(30))
     assert cache.lookup(c) == (None, 0) and cache.lookup(b)[1] == 50 and cache.lookup(d)[1] == 30
+    cache.discard(entry)
+    assert cache.lookup(d) == (None, 0) and cache.tokens == 50 and len(cache) == 1
 
 
 def test_speculative_sampling_is_deterministic_by_seed(models, tokenizer, frequencies):

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from .chat_template import IM_END, apply_chat_template
 from .frspec import FRSpecHead, TokenFrequencies
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, PrefixEntry
 from .sampling import GenerationSettings, apply_repetition_penalty, logits_to_probs, sample
 from .speculative import DraftLengthController, StepCost, verify_greedy, verify_sampling
 
@@ -111,6 +111,7 @@ class _Row:
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string starts in the decoded text
     stats: GenerationStats = field(default_factory=GenerationStats)
+    cached_prompt: PrefixEntry | None = None  # its prompt in the prefix cache, until the whole row replaces it
 
 
 @dataclass
@@ -455,14 +456,20 @@ class GenerationEngine:
                 if entry is not None:
                     hits[i] = entry, length
         together = [i for i in range(len(admitted)) if i not in hits]
+        prompt_kv = {i: {} for i in range(len(admitted))}  # per row, per model: its prompt's keys and values
         if together:
             group_len = max(len(admitted[i].prompt_token_ids) for i in together)
             group_seq, group_mask = new_seq[together, -group_len:], new_mask[together, -group_len:]
-            for model, cache in zip(models, caches):
+            for m, (model, cache) in enumerate(zip(models, caches)):
                 fresh = self._new_cache(model, len(together), group_len)
                 self._prefill(model, group_seq, group_mask, fresh)
                 for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
                     tensor[slots[together], :, end - (group_len - 1) : end] = fresh_tensor[:, :, : group_len - 1]
+                if self.prefix_cache is not None:
+                    for g, i in enumerate(together):
+                        first = group_len - len(admitted[i].prompt_token_ids)  # left padding
+                        prompt_kv[i][m] = ([t[g, :, first : group_len - 1].clone() for t in fresh.keys],
+                                           [t[g, :, first : group_len - 1].clone() for t in fresh.values])
         for i, (entry, length) in hits.items():
             prompt = admitted[i].prompt_token_ids
             ids = torch.tensor([prompt], device=self.device)
@@ -477,6 +484,11 @@ class GenerationEngine:
                 self._prefill(model, ids, torch.ones_like(ids), fresh)
                 for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
                     tensor[slots[i], :, end - (len(prompt) - 1) : end] = fresh_tensor[0, :, : len(prompt) - 1]
+                prompt_kv[i][m] = ([t[0, :, : len(prompt) - 1].clone() for t in fresh.keys],
+                                   [t[0, :, : len(prompt) - 1].clone() for t in fresh.values])
+        if self.prefix_cache is not None:
+            for i, row in enumerate(admitted):
+                row.cached_prompt = self.prefix_cache.store(row.prompt_token_ids[:-1], prompt_kv[i])
         if seen is not None:
             vocab = self.target.config.vocab_size
             seen[slots] = seen[slots].scatter(1, torch.where(new_mask.bool(), new_seq, vocab), True)
@@ -559,6 +571,10 @@ class GenerationEngine:
                      [v[i, :, : cache.length][:, real] for v in cache.values])
         held = running.caches[0].length
         self.prefix_cache.store(running.seq[i, :held][running.mask[i, :held].bool()].tolist(), kv)
+        row = running.rows[i]
+        if row.cached_prompt is not None:
+            self.prefix_cache.discard(row.cached_prompt)
+            row.cached_prompt = None
 
     def _propose(self, k, seq, full_mask, positions, padded, draft_cache, seen, settings, generator):
         """Draft k tokens per row, one draft forward each; returns them [B, k] and their distributions.

@@ -1,8 +1,9 @@
-"""Automatic prefix caching: the KV of finished rows, found again by later prompts that begin with the same tokens.
+"""Automatic prefix caching: the KV of prompts and answers, found again by later prompts that begin with them.
 
 Multi-turn synthesis prompts every turn with the whole dialogue so far (system prompt, seed material, earlier
 turns), so without reuse each turn prefills again what the previous turn already computed: prefill grows with the
-square of the turns. A finished row leaves its prompt and answer here with both models' keys and values; a new
+square of the turns. A prompt is kept here with both models' keys and values as soon as it is prefilled (so that
+prompts admitted while it decodes find it too), and replaced by its prompt and answer when its row finishes; a new
 prompt that starts with the same tokens copies them and prefills only the rest. Keys and values of a token depend
 only on the tokens before it and its position (real tokens counted, so padding does not matter), which is what
 makes a copy equal to a recomputation, up to float rounding.
@@ -82,17 +83,24 @@ class PrefixCache:
         self.entries.move_to_end(id(found))
         return found, length
 
-    def store(self, token_ids: list[int], kv: dict[int, LayerKV]) -> None:
+    def store(self, token_ids: list[int], kv: dict[int, LayerKV]) -> PrefixEntry | None:
+        """Keep token_ids with their keys and values; None where there is nothing to find them by (under one block)
+        or no room."""
         if not BLOCK_TOKENS <= len(token_ids) <= self.capacity_tokens:
-            return
+            return None
         entry = PrefixEntry(token_ids, kv, block_hashes(token_ids))
         for block_hash in entry.block_hashes:
             self.index[block_hash] = entry
         self.entries[id(entry)] = entry
         self.tokens += len(token_ids)
         while self.tokens > self.capacity_tokens:
-            _, evicted = self.entries.popitem(last=False)
-            self.tokens -= len(evicted.token_ids)
-            for block_hash in evicted.block_hashes:
-                if self.index.get(block_hash) is evicted:
-                    del self.index[block_hash]
+            self.discard(next(iter(self.entries.values())))
+        return entry
+
+    def discard(self, entry: PrefixEntry) -> None:
+        if self.entries.pop(id(entry), None) is None:
+            return
+        self.tokens -= len(entry.token_ids)
+        for block_hash in entry.block_hashes:
+            if self.index.get(block_hash) is entry:
+                del self.index[block_hash]
