@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from .chat_template import IM_END, apply_chat_template
 from .frspec import FRSpecHead, TokenFrequencies
-from .prefix_cache import PrefixCache, PrefixEntry
+from .prefix_cache import LayerKV, PrefixCache, PrefixEntry
 from .sampling import GenerationSettings, apply_repetition_penalty, logits_to_probs, sample
 from .speculative import DraftLengthController, StepCost, verify_greedy, verify_sampling
 
@@ -134,6 +134,11 @@ class _Running:
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
     return [*cache.keys, *cache.values]
+
+
+def _row_kv(cache, row: int, columns: torch.Tensor) -> LayerKV:
+    """Copies of one row's keys and values at the given cache columns, per layer [heads, columns, head_dim]."""
+    return [k[row, :, columns] for k in cache.keys], [v[row, :, columns] for v in cache.values]
 
 
 def _packed_columns(mask: torch.Tensor, prefix: int, packed: int) -> torch.Tensor:
@@ -468,8 +473,7 @@ class GenerationEngine:
                 if self.prefix_cache is not None:
                     for g, i in enumerate(together):
                         first = group_len - len(admitted[i].prompt_token_ids)  # left padding
-                        prompt_kv[i][m] = ([t[g, :, first : group_len - 1].clone() for t in fresh.keys],
-                                           [t[g, :, first : group_len - 1].clone() for t in fresh.values])
+                        prompt_kv[i][m] = _row_kv(fresh, g, torch.arange(first, group_len - 1, device=self.device))
         for i, (entry, length) in hits.items():
             prompt = admitted[i].prompt_token_ids
             ids = torch.tensor([prompt], device=self.device)
@@ -484,8 +488,7 @@ class GenerationEngine:
                 self._prefill(model, ids, torch.ones_like(ids), fresh)
                 for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
                     tensor[slots[i], :, end - (len(prompt) - 1) : end] = fresh_tensor[0, :, : len(prompt) - 1]
-                prompt_kv[i][m] = ([t[0, :, : len(prompt) - 1].clone() for t in fresh.keys],
-                                   [t[0, :, : len(prompt) - 1].clone() for t in fresh.values])
+                prompt_kv[i][m] = _row_kv(fresh, 0, torch.arange(len(prompt) - 1, device=self.device))
         if self.prefix_cache is not None:
             for i, row in enumerate(admitted):
                 row.cached_prompt = self.prefix_cache.store(row.prompt_token_ids[:-1], prompt_kv[i])
@@ -564,11 +567,8 @@ class GenerationEngine:
     def _remember(self, running: _Running, i: int) -> None:
         """Keep row i's tokens that the target's cache holds (prompt and answer; past a stop token too, harmless:
         a prefix's keys and values do not depend on what follows it), with each model's keys and values."""
-        kv = {}
-        for m, cache in enumerate(running.caches):
-            real = running.mask[i, : cache.length].bool()
-            kv[m] = ([k[i, :, : cache.length][:, real] for k in cache.keys],
-                     [v[i, :, : cache.length][:, real] for v in cache.values])
+        kv = {m: _row_kv(cache, i, running.mask[i, : cache.length].nonzero().squeeze(1))
+              for m, cache in enumerate(running.caches)}
         held = running.caches[0].length
         self.prefix_cache.store(running.seq[i, :held][running.mask[i, :held].bool()].tolist(), kv)
         row = running.rows[i]
