@@ -20,6 +20,7 @@ from sft_synth.generation import (
     verify_sampling,
 )
 from sft_synth.generation.sampling import (
+    RowSampling,
     apply_repetition_penalty,
     filter_top_k_top_p,
     logits_to_probs,
@@ -71,6 +72,28 @@ def test_logits_to_probs_temperature_and_greedy():
     probs = logits_to_probs(logits, GenerationSettings(temperature=0.5))
     assert torch.allclose(probs, torch.softmax(logits / 0.5, dim=-1))
     assert logits_to_probs(logits, GenerationSettings(temperature=0.0)).tolist() == [[0.0, 0.0, 1.0]]
+
+
+def test_rows_with_their_own_settings_are_processed_as_if_alone():
+    """A batch mixing greedy and sampled rows, nuclei, top-k and penalties: each row's distribution is exactly the
+    one its own settings give it alone (and a uniform batch keeps the single-setting path)."""
+    settings = [
+        GenerationSettings(temperature=0.7, top_p=0.9),
+        GenerationSettings(temperature=0.0, repetition_penalty=1.3),
+        GenerationSettings(temperature=0.9, top_k=7, repetition_penalty=1.2),
+        GenerationSettings(temperature=1.0),
+    ]
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 500, generator=generator) * 3
+    seen = torch.rand(4, 3, 500, generator=generator) < 0.05
+    mixed = logits_to_probs(logits, RowSampling.of(settings), seen)
+    for row, row_settings in enumerate(settings):
+        alone = logits_to_probs(logits[row : row + 1], row_settings, seen[row : row + 1])[0]
+        assert torch.equal(mixed[row], alone)
+    assert mixed[1].max(-1).values.tolist() == [1.0] * 3  # the greedy row is one-hot
+    assert torch.isfinite(torch.log(mixed[2])).sum(-1).tolist() == [7] * 3  # top-k 7 on that row only
+    uniform = RowSampling.of([settings[0]] * 3)
+    assert uniform.temperature == 0.7 and not uniform.any_greedy and not uniform.penalised
 
 
 def test_settings_reject_unknown_and_invalid_fields():

@@ -1,4 +1,4 @@
-"""Per-call sampling settings and the logits -> probabilities transform shared by plain and speculative decoding.
+"""Sampling settings and the logits -> probabilities transform shared by plain and speculative decoding.
 
 Speculative sampling is lossless with respect to the distribution the target actually samples from, so the
 target's probabilities must be the *processed* ones (repetition penalty, temperature, top-k, top-p); the draft is
@@ -7,12 +7,15 @@ processed the same way because a draft that matches that distribution is accepte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class GenerationSettings(BaseModel):
-    """How to sample one batch of generations. temperature == 0 means greedy decoding."""
+    """How to sample a generation. temperature == 0 means greedy decoding."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -32,23 +35,70 @@ class GenerationSettings(BaseModel):
         return self.temperature == 0.0
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+SAMPLING_FIELDS = {"temperature": torch.float32, "top_p": torch.float32, "top_k": torch.long,
+                   "repetition_penalty": torch.float32}
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """The sampling settings of the rows of a batch, so rows decoded together (a user turn beside an assistant
+    turn) each keep their own temperature, nucleus, top-k and repetition penalty. A setting every row shares is a
+    number, processed exactly as a single setting is; one that differs is a [B] tensor."""
+
+    temperature: float | torch.Tensor  # 0 = greedy
+    top_p: float | torch.Tensor
+    top_k: int | torch.Tensor  # 0 = no top-k filter
+    repetition_penalty: float | torch.Tensor
+    all_greedy: bool
+    any_greedy: bool
+    penalised: bool
+
+    @classmethod
+    def of(cls, settings: Sequence[GenerationSettings], device: torch.device | str = "cpu") -> RowSampling:
+        values = {}
+        for name, dtype in SAMPLING_FIELDS.items():
+            column = [getattr(s, name) for s in settings]
+            values[name] = column[0] if len(set(column)) == 1 else torch.tensor(column, dtype=dtype, device=device)
+        greedy = [s.greedy for s in settings]
+        return cls(**values, all_greedy=all(greedy), any_greedy=any(greedy),
+                   penalised=any(s.repetition_penalty != 1.0 for s in settings))
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, ..., 1] broadcasting against like [B, ..., V]."""
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """CTRL-style penalty (as in Hugging Face): seen tokens' positive logits are divided, negative multiplied.
 
-    logits [..., V] float, seen [..., V] bool (tokens already in the context).
+    logits [B, ..., V] float, seen [B, ..., V] bool (tokens already in the context); penalty a number or [B].
     """
-    if penalty == 1.0:
+    if isinstance(penalty, torch.Tensor):
+        penalty = _per_row(penalty, logits)
+    elif penalty == 1.0:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k and outside the top-p nucleus to -inf; the most likely token always stays."""
-    if top_k > 0 and top_k < logits.shape[-1]:
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf; the most likely token always stays.
+    top_k / top_p are numbers or [B], one per row (top_k 0 and top_p 1 filter nothing)."""
+    vocab = logits.shape[-1]
+    if isinstance(top_k, torch.Tensor):
+        rows = (top_k > 0) & (top_k < vocab)
+        if bool(rows.any()):
+            values = torch.topk(logits, int(top_k[rows].max()), dim=-1).values
+            index = _per_row(top_k.clamp(1, values.shape[-1]) - 1, values).expand(*values.shape[:-1], 1)
+            logits = logits.masked_fill((logits < values.gather(-1, index)) & _per_row(rows, logits), float("-inf"))
+    elif 0 < top_k < vocab:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if isinstance(top_p, torch.Tensor):
+        # Rows without a nucleus compare against 2, which no mass reaches.
+        top_p = _per_row(torch.where(top_p < 1.0, top_p, 2.0), logits) if bool((top_p < 1.0).any()) else 1.0
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         # A token is dropped when the tokens ranked above it already cover top_p of the mass.
@@ -59,19 +109,32 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def logits_to_probs(logits: torch.Tensor, settings: GenerationSettings, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The distribution a token is drawn from: [..., V] logits -> [..., V] float32 probabilities.
+def logits_to_probs(logits: torch.Tensor, settings: GenerationSettings | RowSampling,
+                    seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution a token is drawn from: [B, ..., V] logits -> [B, ..., V] float32 probabilities, under one
+    setting for every row or the rows' own (RowSampling).
 
-    Greedy settings give a one-hot distribution on the argmax, which makes greedy decoding a special case of
-    sampling (and greedy verification a special case of speculative sampling).
+    Greedy rows get a one-hot distribution on the argmax, which makes greedy decoding a special case of sampling
+    (and greedy verification a special case of speculative sampling).
     """
+    if isinstance(settings, GenerationSettings):
+        settings = RowSampling.of([settings], logits.device)
     logits = logits.float()
-    if seen is not None:
+    if seen is not None and settings.penalised:
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
-    if settings.greedy:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = filter_top_k_top_p(logits / settings.temperature, settings.top_k, settings.top_p)
-    return torch.softmax(logits, dim=-1)
+    if settings.all_greedy:
+        return _one_hot_argmax(logits)
+    temperature = settings.temperature
+    if isinstance(temperature, torch.Tensor):
+        temperature = _per_row(torch.where(temperature == 0, 1.0, temperature), logits)
+    probs = torch.softmax(filter_top_k_top_p(logits / temperature, settings.top_k, settings.top_p), dim=-1)
+    if settings.any_greedy:  # some rows greedy, so the temperatures differ: a tensor
+        probs = torch.where(_per_row(settings.temperature == 0, probs), _one_hot_argmax(logits), probs)
+    return probs
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
 
 
 def sample(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
