@@ -18,7 +18,13 @@ from torch import nn
 
 from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.tokenizer import train_bpe_tokenizer
-from sft_synth.generation import GenerationEngine, GenerationSettings, SpeculativeConfig, TokenFrequencies
+from sft_synth.generation import (
+    GenerationEngine,
+    GenerationSettings,
+    Request,
+    SpeculativeConfig,
+    TokenFrequencies,
+)
 from sft_synth.generation.frspec import tokenizer_fingerprint
 from sft_synth.generation.prefix_cache import BLOCK_TOKENS, PrefixCache
 
@@ -192,6 +198,74 @@ def test_static_batches_keep_finished_rows_until_the_batch_ends(models, tokenize
     for alone, a, b in zip(uneven_alone, static, continuous):
         assert a.token_ids == b.token_ids == alone.token_ids and a.text == alone.text
         assert a.stats.target_steps == len(alone.token_ids)
+
+
+def own_settings(uneven_settings: GenerationSettings) -> list[GenerationSettings]:
+    """Per prompt, greedy settings of its own (length, stop rule, repetition penalty, speculation on or off) or
+    sampling at T=0.9."""
+    variants = [
+        uneven_settings,
+        uneven_settings.model_copy(update={"max_new_tokens": 7}),
+        uneven_settings.model_copy(update={"repetition_penalty": 1.3}),
+        uneven_settings.model_copy(update={"speculative": False}),
+        uneven_settings.model_copy(update={"stop_token_ids": [], "max_new_tokens": 20}),
+        uneven_settings.model_copy(update={"temperature": 0.9, "top_p": 0.9, "repetition_penalty": 1.1}),
+    ]
+    return [variants[i % len(variants)] for i in range(len(UNEVEN_PROMPTS))]
+
+
+@pytest.mark.parametrize("draft_name", [None, "close_draft"])
+def test_rows_with_their_own_settings_decode_as_if_alone(models, tokenizer, uneven_settings, draft_name):
+    """One batch mixes greedy rows of different lengths, stop rules and penalties with sampled rows (so drafts are
+    verified by speculative sampling, greedy rows through their one-hot distributions): every greedy row equals
+    its prompt decoded alone, and a row that asked for plain decoding commits no drafts."""
+    settings = own_settings(uneven_settings)
+    alone_engine = GenerationEngine(models.target, tokenizer)
+    alone = [alone_engine.generate([p], s)[0] for p, s in zip(UNEVEN_PROMPTS, settings)]
+    draft = getattr(models, draft_name) if draft_name else None
+    engine = GenerationEngine(models.target, tokenizer, draft, max_batch_size=4,
+                              speculative=SpeculativeConfig(num_draft_tokens=3, adaptive=False))
+    results: dict[int, object] = {}
+    requests = [Request(engine.encode_prompt(p), s, i) for i, (p, s) in enumerate(zip(UNEVEN_PROMPTS, settings))]
+    engine.serve(requests, lambda request, generation: results.setdefault(request.tag, generation) and (), seed=5)
+    assert sorted(results) == list(range(len(UNEVEN_PROMPTS)))
+    for i, (s, reference) in enumerate(zip(settings, alone)):
+        if s.greedy:
+            assert results[i].token_ids == reference.token_ids and results[i].finish_reason == reference.finish_reason
+        if not s.speculative or draft is None:
+            assert results[i].stats.drafted_tokens == 0 and set(results[i].stats.accepted_lengths) == {1}
+    assert len(results[1].token_ids) <= 7
+    if draft is not None:
+        assert sum(results[0].stats.accepted_lengths) > len(results[0].stats.accepted_lengths)
+
+
+def test_follow_up_requests_join_the_queue_while_other_rows_decode(models, tokenizer, uneven_settings):
+    """Chains of requests (a dialogue's turns): each finished request hands over the next, built from its answer.
+    With 2 slots, a chain of short answers runs all its links beside one long answer, instead of waiting for it
+    at every link; and every greedy link equals its prompt decoded alone."""
+    short = uneven_settings.model_copy(update={"max_new_tokens": 3, "stop_token_ids": []})
+    long = uneven_settings.model_copy(update={"max_new_tokens": 40, "stop_token_ids": []})
+    engine = GenerationEngine(models.target, tokenizer, max_batch_size=2)
+    finished: list[tuple[str, int]] = []
+    short_tokens: list[int] = []
+
+    def on_finish(request, generation):
+        chain, link = request.tag
+        finished.append((chain, link))
+        if chain == "short":
+            short_tokens.extend(generation.token_ids)
+        if chain == "short" and link < 3:
+            return [Request(list(request.prompt_token_ids) + generation.token_ids, short, (chain, link + 1))]
+        return []
+
+    first = engine.encode_prompt(UNEVEN_PROMPTS[3])
+    long_prompt = engine.encode_prompt(UNEVEN_PROMPTS[5])
+    engine.serve([Request(long_prompt, long, ("long", 0)), Request(first, short, ("short", 0))], on_finish)
+    assert finished == [("short", 0), ("short", 1), ("short", 2), ("short", 3), ("long", 0)]
+    # Greedy links continue one another, so the chain's answers are the prompt's first 12 greedy tokens alone.
+    alone = GenerationEngine(models.target, tokenizer).generate_from_ids(
+        [first], short.model_copy(update={"max_new_tokens": 12}))[0]
+    assert short_tokens == alone.token_ids
 
 
 @pytest.mark.parametrize("continuous", [True, False])
@@ -429,27 +503,60 @@ def test_speculative_sampling_reproduces_the_target_sequence_distribution(use_fr
         assert engine.frspec_head.token_ids.tolist() == [1, 2]
     settings = GenerationSettings(max_new_tokens=length, temperature=0.8, seed=11)
     results = engine.generate_from_ids([[0]] * samples, settings)
+    assert any(max(r.stats.accepted_lengths) > 1 for r in results)
+    assert_sequence_distribution(results, target_table, 0.8, length)
+
+
+def assert_sequence_distribution(results, table: torch.Tensor, temperature: float, length: int) -> None:
+    """Chi-square test of the generated sequences against the bigram's exact sequence distribution at temperature."""
+    vocab = table.shape[0]
     counts = torch.zeros([vocab] * length, dtype=torch.float64)
     for result in results:
         counts[tuple(result.token_ids)] += 1
-    assert any(max(r.stats.accepted_lengths) > 1 for r in results)
-
-    next_token = torch.softmax(target_table.double() / 0.8, dim=-1)
+    next_token = torch.softmax(table.double() / temperature, dim=-1)
     exact = torch.zeros([vocab] * length, dtype=torch.float64)
     for seq in itertools.product(range(vocab), repeat=length):
         prob, previous = 1.0, 0
         for token in seq:
             prob, previous = prob * next_token[previous, token], token
         exact[seq] = prob
-    expected, observed = exact.flatten() * samples, counts.flatten()
+    expected, observed = exact.flatten() * len(results), counts.flatten()
     # Cells expected fewer than 5 times are pooled, as the chi-square approximation needs.
     rare = expected < 5
-    expected = torch.cat([expected[~rare], expected[rare].sum()[None]])
-    observed = torch.cat([observed[~rare], observed[rare].sum()[None]])
+    if rare.any():
+        expected = torch.cat([expected[~rare], expected[rare].sum()[None]])
+        observed = torch.cat([observed[~rare], observed[rare].sum()[None]])
     stat = float(((observed - expected) ** 2 / expected).sum())
     dof = expected.numel() - 1
     critical = dof * (1 - 2 / (9 * dof) + 3.0902 * math.sqrt(2 / (9 * dof))) ** 3  # chi-square upper 0.1%
     assert stat < critical, stat
+
+
+def test_rows_sampled_at_different_temperatures_in_one_batch_each_keep_their_distribution():
+    """Speculative sampling with per-row settings: rows at T=0.6 and T=1.5 (and greedy rows) share every batch,
+    and each group's sequences follow the target's distribution at its own temperature."""
+    vocab, length, samples = 4, 3, 3000
+    generator = torch.Generator().manual_seed(1)
+    target_table = torch.randn(vocab, vocab, generator=generator) * 1.5
+    draft_table = target_table + 0.5 * torch.randn(vocab, vocab, generator=generator)
+    engine = GenerationEngine(
+        BigramLM(target_table), bigram_tokenizer(vocab), BigramLM(draft_table), add_bos=False, max_batch_size=6,
+        speculative=SpeculativeConfig(num_draft_tokens=2, max_draft_tokens=3),
+    )
+    settings = [GenerationSettings(max_new_tokens=length, temperature=t) for t in (0.6, 1.5, 0.0)]
+    results: dict[int, list] = {0: [], 1: [], 2: []}
+    engine.serve([Request([0], settings[i % 3], i % 3) for i in range(3 * samples)],
+                 lambda request, generation: results[request.tag].append(generation) or (), seed=4)
+    assert any(max(r.stats.accepted_lengths) > 1 for r in results[0] + results[1])
+    assert_sequence_distribution(results[0], target_table, 0.6, length)
+    assert_sequence_distribution(results[1], target_table, 1.5, length)
+    greedy = {tuple(r.token_ids) for r in results[2]}
+    assert len(greedy) == 1  # the greedy rows all follow the argmax chain
+    expected, previous = [], 0
+    for _ in range(length):
+        previous = int(target_table[previous].argmax())
+        expected.append(previous)
+    assert greedy == {tuple(expected)}
 
 
 def test_from_pretrained_loads_checkpoints_tokenizer_and_frspec(models, tokenizer, frequencies, plain_greedy, tmp_path):

@@ -1,9 +1,9 @@
 """Local generation for SFT synthesis: KV-cached batched decoding, speculative sampling, FR-Spec drafts."""
 
 from .chat_template import apply_chat_template
-from .engine import Generation, GenerationEngine, GenerationStats, SpeculativeConfig
+from .engine import Generation, GenerationEngine, GenerationStats, Request, SpeculativeConfig
 from .frspec import FRSpecHead, TokenFrequencies
-from .sampling import GenerationSettings
+from .sampling import GenerationSettings, RowSampling
 from .speculative import DraftLengthController, StepCost, Verification, verify_greedy, verify_sampling
 
 __all__ = [
@@ -13,6 +13,8 @@ __all__ = [
     "GenerationEngine",
     "GenerationSettings",
     "GenerationStats",
+    "Request",
+    "RowSampling",
     "SpeculativeConfig",
     "StepCost",
     "TokenFrequencies",

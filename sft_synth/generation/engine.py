@@ -20,13 +20,18 @@ the draft's cache are moved as they are, so both caches stay prefixes of the new
 
 The adaptive controller (speculative.DraftLengthController) picks k per step from the acceptance rate and a cost
 model of the target and the draft at the current batch size, down to k = 0 where speculation would not pay.
+
+Requests. Every row carries its own settings (temperature, nucleus, penalty, stop rules, length), so one batch can
+decode a user turn beside an assistant turn. A finished request may hand the engine follow-up requests (a
+dialogue's next turn), which queue behind the waiting ones: a run of dialogues keeps every slot busy from its first
+turn to its last instead of draining the batch at the end of each turn.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +44,7 @@ from torch.nn import functional as F
 from .chat_template import IM_END, apply_chat_template
 from .frspec import FRSpecHead, TokenFrequencies
 from .prefix_cache import LayerKV, PrefixCache, PrefixEntry
-from .sampling import GenerationSettings, apply_repetition_penalty, logits_to_probs, sample
+from .sampling import GenerationSettings, RowSampling, apply_repetition_penalty, logits_to_probs, sample
 from .speculative import DraftLengthController, StepCost, verify_greedy, verify_sampling
 
 Prompt = str | Sequence[Mapping[str, str]]
@@ -102,16 +107,30 @@ class Generation:
 
 
 @dataclass
-class _Row:
-    """Decoding state of one prompt."""
+class Request:
+    """A prompt to decode with its own settings; tag is the caller's, handed back with the generation."""
 
+    prompt_token_ids: Sequence[int]
+    settings: GenerationSettings
+    tag: object = None
+
+
+@dataclass
+class _Row:
+    """Decoding state of one request."""
+
+    request: Request
     prompt_token_ids: list[int]
-    index: int  # position of its prompt in the call
+    stop_ids: set[int]  # the settings' stop tokens, and the engine's EOS tokens unless ignore_eos
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string starts in the decoded text
     stats: GenerationStats = field(default_factory=GenerationStats)
     cached_prompt: PrefixEntry | None = None  # its prompt in the prefix cache, until the whole row replaces it
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return self.request.settings
 
 
 @dataclass
@@ -121,7 +140,7 @@ class _Running:
     rows: list[_Row]
     seq: torch.Tensor  # [B, N] token ids
     mask: torch.Tensor  # [B, N] 1 = a real token of the row
-    seen: torch.Tensor | None  # [B, V + 1] tokens in each row's context (repetition penalty); column V absorbs
+    seen: torch.Tensor  # [B, V + 1] tokens in each row's context (repetition penalty); column V absorbs
     caches: list  # the target's KV cache, then the draft's when drafting
     # Set when a slot was refilled in place: the padding masks the caches keep may be stale for that row, so every
     # forward pass is given the whole mask until the next rebuild (which starts fresh caches).
@@ -252,12 +271,33 @@ class GenerationEngine:
         self, prompts: Sequence[Sequence[int]], settings: GenerationSettings | None = None
     ) -> list[Generation]:
         settings = settings or GenerationSettings()
-        if any(len(p) == 0 for p in prompts):
+        generations: list[Generation | None] = [None] * len(prompts)
+
+        def collect(request: Request, generation: Generation) -> tuple:
+            generations[request.tag] = generation
+            return ()
+
+        self.serve([Request(p, settings, i) for i, p in enumerate(prompts)], collect, seed=settings.seed,
+                   speculative=settings.speculative)
+        return generations
+
+    def serve(self, requests: Iterable[Request], on_finish: Callable[[Request, Generation], Iterable[Request]], *,
+              seed: int = 0, speculative: bool = True) -> None:
+        """Decode requests, each with its own settings, through the decoding slots. When one finishes,
+        on_finish(request, generation) returns its follow-up requests (none, or a dialogue's next turn), which wait
+        behind those already waiting. One random generator seeded by seed serves the whole stream, so the same
+        requests and follow-ups give the same tokens. The draft runs when speculative is True (and the engine has
+        one); a row whose settings say speculative=False commits only the target's tokens."""
+        rows = deque(self._row(request) for request in requests)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._decode(rows, generator, speculative and self.draft is not None, on_finish)
+
+    def _row(self, request: Request) -> _Row:
+        if len(request.prompt_token_ids) == 0:
             raise ValueError("every prompt needs at least one token")
-        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
-        rows = [_Row(list(p), i) for i, p in enumerate(prompts)]
-        self._decode(rows, settings, generator)
-        return [self._finish(row) for row in rows]
+        settings = request.settings
+        stop_ids = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(self.eos_ids))
+        return _Row(request, list(request.prompt_token_ids), stop_ids)
 
     def _finish(self, row: _Row) -> Generation:
         ids = row.token_ids
@@ -267,11 +307,12 @@ class GenerationEngine:
             text = text[: row.stop_text_end]
         return Generation(text, ids, row.finish_reason or "length", row.prompt_token_ids, row.stats)
 
-    def _commit(self, row: _Row, tokens: list[int], settings: GenerationSettings, stop_ids: set[int]) -> None:
+    def _commit(self, row: _Row, tokens: list[int]) -> None:
         """Append tokens to a row one by one until one of them finishes it."""
+        settings = row.settings
         for token in tokens:
             row.token_ids.append(token)
-            if token in stop_ids:
+            if token in row.stop_ids:
                 row.finish_reason = "stop"
                 return
             if settings.stop:
@@ -348,14 +389,13 @@ class GenerationEngine:
     # ------------------------------------------------------------------ decoding loop
 
     @torch.no_grad()
-    def _decode(self, rows: list[_Row], settings: GenerationSettings, generator: torch.Generator) -> None:
-        """Decode every row, max_batch_size at a time; a finished row's slot goes to the next waiting prompt."""
-        use_draft = settings.speculative and self.draft is not None
+    def _decode(self, waiting: deque, generator: torch.Generator, use_draft: bool,
+                on_finish: Callable[[Request, Generation], Iterable[Request]]) -> None:
+        """Decode every row, max_batch_size at a time; a finished row's slot goes to the next waiting row."""
         models = [self.target, self.draft] if use_draft else [self.target]
         controller = self._controller() if use_draft else None
         max_k = self.speculative.max_draft_tokens if use_draft else 0
-        stop_ids = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(self.eos_ids))
-        waiting, running = deque(rows), None
+        running = None
         while True:
             finished = [i for i, row in enumerate(running.rows) if row.finish_reason is not None] if running else []
             if self.continuous_batching:
@@ -363,20 +403,24 @@ class GenerationEngine:
             else:
                 new_layout = running is not None and len(finished) == len(running.rows)
             if new_layout or running is None or running.width + max_k > running.caches[0].max_len:
-                running = self._rebuild(running, waiting, models, settings, headroom=settings.max_new_tokens + max_k)
+                running = self._rebuild(running, waiting, models, max_k)
                 if running is None:
                     return
-            remaining = max(settings.max_new_tokens - len(row.token_ids) for row in running.rows
-                            if row.finish_reason is None)
-            k = min(controller.choose(len(running.rows)), remaining - 1) if use_draft else 0
-            accepted = self._step(running, k, settings, generator, stop_ids)
+            active = [row for row in running.rows if row.finish_reason is None]
+            k = 0
+            if use_draft and any(row.settings.speculative for row in active):
+                remaining = max(row.settings.max_new_tokens - len(row.token_ids) for row in active)
+                k = min(controller.choose(len(running.rows)), remaining - 1)
+            accepted, ended = self._step(running, k, generator)
             if k:
-                controller.update(accepted, k)
+                controller.update([n for n, row in zip(accepted, running.rows) if row.settings.speculative], k)
+            for row in ended:
+                waiting.extend(self._row(request) for request in on_finish(row.request, self._finish(row)))
 
-    def _rebuild(self, running: _Running | None, waiting: deque, models: list, settings: GenerationSettings,
-                 headroom: int) -> _Running | None:
+    def _rebuild(self, running: _Running | None, waiting: deque, models: list, max_k: int) -> _Running | None:
         """The next layout: unfinished rows packed, waiting prompts prefilled into the free slots; None when done.
-        A static batch keeps all its rows until every one has finished, and takes no prompt before."""
+        A static batch keeps all its rows until every one has finished, and takes no prompt before. The caches
+        leave room for the longest answer a row may write and max_k drafts."""
         kept = [i for i, row in enumerate(running.rows) if row.finish_reason is None] if running else []
         if kept and not self.continuous_batching:
             kept = list(range(len(running.rows)))
@@ -397,11 +441,11 @@ class GenerationEngine:
         width = packed + tail
         seq = torch.full((batch, width), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((batch, width), dtype=torch.long, device=self.device)
+        rows = [running.rows[i] for i in kept] + admitted if kept else admitted
+        headroom = max(row.settings.max_new_tokens for row in rows) + max_k
         caches = [self._new_cache(model, batch, width + headroom) for model in models]
         vocab = self.target.config.vocab_size
-        seen = None
-        if settings.repetition_penalty != 1.0:
-            seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=self.device)
+        seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=self.device)
 
         if kept:
             source = _packed_columns(kept_mask, prefix, packed)
@@ -413,15 +457,13 @@ class GenerationEngine:
                 for old_tensor, new_tensor in zip(_cache_tensors(old), _cache_tensors(new)):
                     gathered = old_tensor[keep[:, None], :, columns[:, : new.length]]  # [rows, columns, heads, dim]
                     new_tensor[:n_kept, :, : new.length] = gathered.transpose(1, 2)
-            if seen is not None:
-                seen[:n_kept] = running.seen[keep]
+            seen[:n_kept] = running.seen[keep]
         if admitted:
             self._admit(admitted, torch.arange(n_kept, batch, device=self.device), packed, models, caches, seq, mask,
                         seen)
             if not kept:
                 for cache in caches:
                     cache.length = packed
-        rows = [running.rows[i] for i in kept] + admitted if kept else admitted
         return _Running(rows, seq, mask, seen, caches)
 
     def _refill(self, running: _Running, finished: list[int], waiting: deque, models: list) -> bool:
@@ -436,8 +478,7 @@ class GenerationEngine:
             waiting.popleft()
         slots = torch.tensor(finished, device=self.device)
         running.mask[slots] = 0
-        if running.seen is not None:
-            running.seen[slots] = False
+        running.seen[slots] = False
         self._admit(admitted, slots, prefix, models, running.caches, running.seq, running.mask, running.seen)
         for slot, row in zip(finished, admitted):
             running.rows[slot] = row
@@ -445,7 +486,7 @@ class GenerationEngine:
         return True
 
     def _admit(self, admitted: list[_Row], slots: torch.Tensor, end: int, models: list, caches: list,
-               seq: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor | None) -> None:
+               seq: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor) -> None:
         """Prefill new prompts and write them into empty slots: all but their last token right-aligned to column
         `end` (their cache columns too), the last token in the last column; what lies between stays masked. Prompts
         that begin with a cached prefix are prefilled one by one from its end, the others together."""
@@ -492,9 +533,8 @@ class GenerationEngine:
         if self.prefix_cache is not None:
             for i, row in enumerate(admitted):
                 row.cached_prompt = self.prefix_cache.store(row.prompt_token_ids[:-1], prompt_kv[i])
-        if seen is not None:
-            vocab = self.target.config.vocab_size
-            seen[slots] = seen[slots].scatter(1, torch.where(new_mask.bool(), new_seq, vocab), True)
+        vocab = self.target.config.vocab_size
+        seen[slots] = seen[slots].scatter(1, torch.where(new_mask.bool(), new_seq, vocab), True)
 
     def _left_padded(self, prompts: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         seq = torch.full((len(prompts), length), self.pad_id, dtype=torch.long, device=self.device)
@@ -504,17 +544,18 @@ class GenerationEngine:
             mask[i, length - len(prompt) :] = 1
         return seq, mask
 
-    def _step(self, running: _Running, k: int, settings: GenerationSettings, generator: torch.Generator,
-              stop_ids: set[int]) -> list[int]:
-        """One target forward pass: k drafts per row verified, each row committing its own share; the accepted counts."""
+    def _step(self, running: _Running, k: int, generator: torch.Generator) -> tuple[list[int], list[_Row]]:
+        """One target forward pass: k drafts per row verified, each row committing its own share; the accepted
+        counts, and the rows this step finished."""
         target_cache, draft_cache = running.caches[0], (running.caches[1] if len(running.caches) > 1 else None)
         seq, mask, seen = running.seq, running.mask, running.seen
+        sampling = RowSampling.of([row.settings for row in running.rows], self.device)
         batch, n = seq.shape
         # The mask and positions of the committed sequence plus k drafts, shared by the draft and the target.
         full_mask = torch.cat([mask, mask.new_ones((batch, k))], dim=1)
         padded = running.refilled or not bool(full_mask.all())
         positions = (full_mask.cumsum(-1) - 1).clamp_(min=0)
-        drafts, draft_probs = self._propose(k, seq, full_mask, positions, padded, draft_cache, seen, settings,
+        drafts, draft_probs = self._propose(k, seq, full_mask, positions, padded, draft_cache, seen, sampling,
                                             generator)
         logits = self._forward(
             self.target, torch.cat([seq, drafts], dim=1)[:, target_cache.length :], full_mask, target_cache,
@@ -522,19 +563,25 @@ class GenerationEngine:
         )
         vocab = self.target.config.vocab_size
         target_seen = None
-        if seen is not None:  # position j of the verification has seen the drafts before it
+        if sampling.penalised:  # position j of the verification has seen the drafts before it
             drafted = torch.zeros((batch, k + 1, vocab + 1), dtype=torch.int32, device=self.device)
             drafted[:, 1:].scatter_(2, drafts[:, :, None], 1)
             target_seen = (seen[:, None, :] | (drafted.cumsum(dim=1) > 0))[..., :vocab]
-        target_probs = logits_to_probs(logits, settings, target_seen)
+        target_probs = logits_to_probs(logits, sampling, target_seen)
 
+        greedy = sampling.all_greedy
         if k == 0:
             num_accepted = torch.zeros(batch, dtype=torch.long, device=self.device)
-            next_token = sample(target_probs[:, 0], settings.greedy, generator)
-        elif settings.greedy:
+            next_token = sample(target_probs[:, 0], greedy, generator)
+        elif greedy:
             num_accepted, next_token = verify_greedy(drafts, target_probs)
         else:
             num_accepted, next_token = verify_sampling(drafts, torch.stack(draft_probs, 1), target_probs, generator)
+        plain = [i for i, row in enumerate(running.rows) if not row.settings.speculative]
+        if k and plain:  # rows that asked for plain decoding take the target's own token
+            plain = torch.tensor(plain, device=self.device)
+            num_accepted[plain] = 0
+            next_token[plain] = sample(target_probs[plain, 0], greedy, generator)
 
         # Each row keeps its accepted drafts; the target's token goes in the column after the longest accepted
         # prefix, and a row that accepted fewer masks its rejected drafts before it. Columns past that are cropped.
@@ -546,23 +593,25 @@ class GenerationEngine:
         target_cache.crop(n + longest)
         if draft_cache is not None:
             draft_cache.crop(min(draft_cache.length, n + longest))
-        if seen is not None:
-            committed = torch.cat([torch.where(kept_drafts, drafts[:, :longest], vocab), next_token[:, None]], dim=1)
-            seen.scatter_(1, committed, True)
+        committed = torch.cat([torch.where(kept_drafts, drafts[:, :longest], vocab), next_token[:, None]], dim=1)
+        seen.scatter_(1, committed, True)
 
         draft_rows, next_tokens = drafts.tolist(), next_token.tolist()
+        ended = []
         for i, row in enumerate(running.rows):
             if row.finish_reason is not None:  # a finished row of a static batch
                 continue
             row.stats.target_steps += 1
-            row.stats.drafted_tokens += k
+            row.stats.drafted_tokens += k if row.settings.speculative else 0
             row.stats.accepted_drafts += accepted[i]
             before = len(row.token_ids)
-            self._commit(row, draft_rows[i][: accepted[i]] + [next_tokens[i]], settings, stop_ids)
+            self._commit(row, draft_rows[i][: accepted[i]] + [next_tokens[i]])
             row.stats.accepted_lengths.append(len(row.token_ids) - before)
-            if row.finish_reason is not None and self.prefix_cache is not None:
-                self._remember(running, i)
-        return accepted
+            if row.finish_reason is not None:
+                ended.append(row)
+                if self.prefix_cache is not None:
+                    self._remember(running, i)
+        return accepted, ended
 
     def _remember(self, running: _Running, i: int) -> None:
         """Keep row i's tokens that the target's cache holds (prompt and answer; past a stop token too, harmless:
@@ -576,7 +625,7 @@ class GenerationEngine:
             self.prefix_cache.discard(row.cached_prompt)
             row.cached_prompt = None
 
-    def _propose(self, k, seq, full_mask, positions, padded, draft_cache, seen, settings, generator):
+    def _propose(self, k, seq, full_mask, positions, padded, draft_cache, seen, sampling, generator):
         """Draft k tokens per row, one draft forward each; returns them [B, k] and their distributions.
 
         full_mask / positions cover the committed sequence plus the k drafts. The first forward feeds whatever the
@@ -585,7 +634,7 @@ class GenerationEngine:
         """
         drafts = seq.new_empty((seq.shape[0], k))
         draft_probs = []
-        penalise = settings.repetition_penalty != 1.0
+        penalise = sampling.penalised
         draft_seen = seen.clone() if penalise else None
         tokens = seq[:, draft_cache.length :] if k else None
         for j in range(k):
@@ -593,7 +642,7 @@ class GenerationEngine:
                 self.draft, tokens, full_mask, draft_cache, last=1, head=self.frspec_head, positions=positions,
                 padded=padded,
             )[:, 0]
-            token, probs = self._draw_draft(logits, draft_seen, settings, generator)
+            token, probs = self._draw_draft(logits, draft_seen, sampling, generator)
             if probs is not None:
                 draft_probs.append(probs)
             drafts[:, j] = token
@@ -602,19 +651,20 @@ class GenerationEngine:
                 draft_seen.scatter_(1, token[:, None], True)
         return drafts, draft_probs
 
-    def _draw_draft(self, logits, seen, settings, generator):
-        """Draw one draft token per row; returns it and the full-vocabulary draft distribution (None if greedy)."""
+    def _draw_draft(self, logits, seen, sampling: RowSampling, generator):
+        """Draw one draft token per row; returns it and the full-vocabulary draft distribution (None when every row
+        is greedy; a greedy row among sampled ones gets its one-hot distribution)."""
         head = self.frspec_head
         if seen is not None:
             seen = seen[:, : self.target.config.vocab_size]
             if head is not None:
                 seen = seen[:, head.token_ids]
-        if settings.greedy:  # the argmax of the (penalised) logits, as the one-hot greedy distribution would give
+        if sampling.all_greedy:  # the argmax of the (penalised) logits, as the one-hot greedy distribution would give
             if seen is not None:
-                logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
+                logits = apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty)
             choice = logits.argmax(-1)
             return (choice if head is None else head.token_ids[choice]), None
-        probs = logits_to_probs(logits, settings, seen)
+        probs = logits_to_probs(logits, sampling, seen)
         choice = sample(probs, False, generator)
         if head is None:
             return choice, probs
