@@ -3,9 +3,10 @@
 The target and the draft are the pair that benchmarks/generate.py trains (the proxy-tiny target on TinyShakespeare,
 a smaller draft distilled from it, FR-Spec counts beside the draft), cached under --work-dir. The synthesis runs
 in-process (no Ray: one engine, as inside one generation actor) over the same seeds of every family from
-configs/ultrachat.yaml, one chunk per family, so every turn hands the engine more prompts than it has decoding
-slots. Static batching decodes them batch_size at a time, each batch until its longest answer ends; continuous
-batching gives a finished row's slot to the next prompt at once. Answers end at a blank line (the target writes
+configs/ultrachat.yaml, one chunk per family, which the synthesizer hands the engine as one stream of requests (a
+dialogue's next turn joins the queue when its last reply ends). Static batching decodes the queue batch_size
+requests at a time, each batch until its longest answer ends; continuous batching gives a finished row's slot to the
+next request at once. Answers end at a blank line (the target writes
 TinyShakespeare speeches, whose lengths vary as chat answers do) or at max_new_tokens. Figures are ratios against
 plain static batching in the same process. Every mode but the last reuses earlier turns' keys and values through
 the prefix cache, as the job does (configs/ultrachat.yaml's prefix_cache_tokens; each family's chunk starts with an
@@ -98,15 +99,21 @@ class MeasuredEngine:
         self.tokenizer, self.target = engine.tokenizer, engine.target
         self.prompt_tokens = self.reused_prompt_tokens = 0
 
-    def generate(self, prompts, settings):
+    def encode_prompt(self, prompt):
+        return self.engine.encode_prompt(prompt)
+
+    def serve(self, requests, on_finish, **kwargs):
         self.engine.continuous_batching = not self.static
         self.engine.prefix_cache = self.prefix_cache
-        generations = self.engine.generate(prompts, settings)
-        self.target_steps += sum(g.stats.target_steps for g in generations)
-        self.lengths += [len(g.token_ids) for g in generations]
-        self.prompt_tokens += sum(len(g.prompt_token_ids) for g in generations)
-        self.reused_prompt_tokens += sum(g.stats.reused_prompt_tokens for g in generations)
-        return generations
+
+        def measured(request, generation):
+            self.target_steps += generation.stats.target_steps
+            self.lengths.append(len(generation.token_ids))
+            self.prompt_tokens += len(generation.prompt_token_ids)
+            self.reused_prompt_tokens += generation.stats.reused_prompt_tokens
+            return on_finish(request, generation)
+
+        self.engine.serve(requests, measured, **kwargs)
 
 
 def run_synthesis(engine: GenerationEngine, config: UltraChatConfig, seeds: dict, static: bool,

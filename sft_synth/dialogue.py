@@ -1,26 +1,29 @@
 """Dialogues: a user simulator and an assistant, both driven by one generation engine, for N turns.
 
-A chunk of seeds of one family advances turn by turn in lockstep, so every engine call is one batch: all user
-turns of the chunk, then all assistant turns. The user simulator sees the dialogue from the other side (its own
-messages as "assistant", the assistant's as "user") under its own system prompt, which holds the seed material.
-In the tool-use family the first assistant turn is a function call (written freely by the model, or guided by the
-schema), answered by a tool simulator, after which the assistant replies to the user.
+Each dialogue is written as a sequence (`_dialogue`, a generator): it yields the prompts it needs next and resumes
+with their generations. The engine serves the whole chunk as one stream: when a dialogue's request finishes, its
+next one joins the queue at once, so the decoding slots stay full from the first turn to the last, with no barrier
+where every dialogue waits for the slowest reply of the turn. The user simulator sees the dialogue from the other
+side (its own messages as "assistant", the assistant's as "user") under its own system prompt, which holds the seed
+material. In the tool-use family the first assistant turn is a function call (written freely by the model, or
+guided by the schema), answered by a tool simulator, after which the assistant replies to the user.
 
-Sampling seeds are derived from (run seed, family, chunk, turn, role), so a chunk regenerates identically
-whichever actor runs it. For the same reason a chunk starts with an empty prefix cache: its later turns reuse its
-own earlier turns, never what another chunk left in the engine (a reused key differs from a recomputed one in the
-last bits, which could change a sampled token).
+The stream's sampling seed is derived from (run seed, family, chunk), and the engine's schedule depends only on the
+chunk's seeds, so a chunk regenerates identically whichever actor runs it. For the same reason a chunk starts with
+an empty prefix cache: its later turns reuse its own earlier turns, never what another chunk left in the engine (a
+reused key differs from a recomputed one in the last bits, which could change a sampled token).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 from sft_synth.chat_format import CHATML, render_prompt
 from sft_synth.config import FamilyConfig, ToolUseConfig
-from sft_synth.generation import Generation, GenerationEngine, GenerationSettings
+from sft_synth.generation import Generation, GenerationEngine, GenerationSettings, Request
 from sft_synth.generation.chat_template import ChatTemplate
 from sft_synth.seeds import Seed
 from sft_synth.tools import (
@@ -32,6 +35,10 @@ from sft_synth.tools import (
 )
 
 GUIDED_VALUE_TOKENS = 32
+
+# What a dialogue yields (the prompts it needs next, each with its settings) and is resumed with (their generations).
+Wants = list[tuple[str, GenerationSettings]]
+Dialogue = Generator[Wants, list[Generation], None]
 
 
 @dataclass
@@ -49,8 +56,8 @@ class _State:
         return generation.text.strip()
 
 
-def call_seed(run_seed: int, family: str, chunk: int, turn: int, role: str) -> int:
-    digest = hashlib.sha256(f"{run_seed}:{family}:{chunk}:{turn}:{role}".encode()).digest()
+def chunk_seed(run_seed: int, family: str, chunk: int) -> int:
+    digest = hashlib.sha256(f"{run_seed}:{family}:{chunk}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -71,127 +78,128 @@ class DialogueSynthesizer:
         eos = engine.target.config.eos_token_id
         self.stop_token_ids = sorted({*named, *([eos] if isinstance(eos, int) else eos or [])})
 
-    def _settings(self, settings: GenerationSettings, chunk: int, turn: int, role: str, **update) -> GenerationSettings:
+    def _settings(self, settings: GenerationSettings, **update) -> GenerationSettings:
         stop_ids = sorted(set(settings.stop_token_ids) | set(self.stop_token_ids))
-        return settings.model_copy(update={"seed": call_seed(self.run_seed, self.family, chunk, turn, role),
-                                           "stop_token_ids": stop_ids, **update})
+        return settings.model_copy(update={"stop_token_ids": stop_ids, **update})
 
     def _prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         return render_prompt(messages, tools, template=self.template)
 
     def synthesize(self, seeds: list[Seed], chunk: int) -> list[dict]:
+        """Every seed's dialogue, in seed order, decoded as one stream of requests (see the module docstring)."""
         if self.engine.prefix_cache is not None:
             self.engine.prefix_cache.clear()
         states = [_State(seed, [{"role": "system", "content": self.config.system_prompt}]) for seed in seeds]
-        for turn in range(self.config.turns):
-            self._user_turn(states, chunk, turn)
-            answering = states
-            if turn == 0 and isinstance(self.config, ToolUseConfig):
-                answering = self._tool_call_turn(states, chunk)
-            self._assistant_turn(answering, chunk, turn)
+        dialogues = [self._dialogue(state) for state in states]
+        waves: list[list[Generation | None]] = [[] for _ in states]  # per dialogue: the generations it waits for
+
+        def advance(index: int, generations: list[Generation] | None) -> list[Request]:
+            wants: Wants = []
+            while not wants:  # a step that needs no generation resumes at once
+                try:
+                    wants = dialogues[index].send(generations)
+                except StopIteration:
+                    return []
+                generations = []
+            waves[index] = [None] * len(wants)
+            return [Request(self.engine.encode_prompt(prompt), settings, (index, slot))
+                    for slot, (prompt, settings) in enumerate(wants)]
+
+        def on_finish(request: Request, generation: Generation) -> list[Request]:
+            index, slot = request.tag
+            waves[index][slot] = generation
+            return advance(index, waves[index]) if all(g is not None for g in waves[index]) else []
+
+        roles = [self.config.user, self.config.assistant]
+        if isinstance(self.config, ToolUseConfig):
+            roles.append(self.config.tool)
+        self.engine.serve([request for index in range(len(states)) for request in advance(index, None)], on_finish,
+                          seed=chunk_seed(self.run_seed, self.family, chunk),
+                          speculative=any(role.speculative for role in roles))
         return [self._record(state) for state in states]
 
-    # ------------------------------------------------------------------ turns
+    # ------------------------------------------------------------------ one dialogue
 
-    def _user_turn(self, states: list[_State], chunk: int, turn: int) -> None:
-        simulated = [s for s in states if not (turn == 0 and s.seed.opening is not None)]
-        prompts = [
-            self._prompt([{"role": "system", "content": self.config.user_prompt.format(material=s.seed.material)},
-                           *s.simulator_history])
-            for s in simulated
-        ]
-        settings = self._settings(self.config.user, chunk, turn, "user")
-        texts = iter([s.record(g) for s, g in zip(simulated, self.engine.generate(prompts, settings))])
-        for state in states:
-            text = state.seed.opening if turn == 0 and state.seed.opening is not None else next(texts)
+    def _dialogue(self, state: _State) -> Dialogue:
+        config = self.config
+        for turn in range(config.turns):
+            if turn == 0 and state.seed.opening is not None:
+                text = state.seed.opening
+            else:
+                system = config.user_prompt.format(material=state.seed.material)
+                prompt = self._prompt([{"role": "system", "content": system}, *state.simulator_history])
+                [generation] = yield [(prompt, self._settings(config.user))]
+                text = state.record(generation)
             state.simulator_history.append({"role": "assistant", "content": text})
             if turn == 0 and state.seed.attachment:
                 text = f"{state.seed.attachment}\n\n{text}"
             state.messages.append({"role": "user", "content": text})
-
-    def _assistant_turn(self, states: list[_State], chunk: int, turn: int) -> None:
-        prompts = [self._prompt(s.messages, s.seed.tools) for s in states]
-        settings = self._settings(self.config.assistant, chunk, turn, "assistant")
-        for state, generation in zip(states, self.engine.generate(prompts, settings)):
+            if turn == 0 and isinstance(config, ToolUseConfig):
+                called = yield from self._tool_call(state)
+                if not called:  # the response without a usable call is this turn's answer
+                    continue
+            [generation] = yield [(self._prompt(state.messages, state.seed.tools), self._settings(config.assistant))]
             text = state.record(generation)
             state.messages.append({"role": "assistant", "content": text})
             state.simulator_history.append({"role": "user", "content": text})
 
-    def _tool_call_turn(self, states: list[_State], chunk: int) -> list[_State]:
-        """The assistant calls a tool and the tool simulator answers every call; returns the states that called
-        (the others already hold this turn's answer, a response without a usable call)."""
+    def _tool_call(self, state: _State) -> Generator[Wants, list[Generation], bool]:
+        """The assistant calls a tool and the tool simulator answers every call; False when the response held no
+        usable call (it is then kept as a plain answer)."""
         config: ToolUseConfig = self.config
-        calls = self._guided_calls(states, chunk) if config.call_mode == "guided" else self._free_calls(states, chunk)
-        called = [(s, c) for s, c in zip(states, calls) if c]
-        for state, state_calls in called:
-            state.messages.append({"role": "assistant", "content": state_calls[0], "tool_calls": state_calls[1]})
-        jobs = [(state, call) for state, (_, state_calls) in called for call in state_calls]
-        prompts = []
-        for state, call in jobs:
-            tool = next(t for t in state.seed.tools if t["function"]["name"] == call["function"]["name"])
-            system = config.tool_prompt.format(tool=json.dumps(tool, ensure_ascii=False, sort_keys=True),
-                                               call=call["function"]["arguments"])
-            prompts.append(self._prompt([{"role": "system", "content": system},
-                                          {"role": "user", "content": call["function"]["arguments"]}]))
-        settings = self._settings(config.tool, chunk, 0, "tool")
-        for (state, call), generation in zip(jobs, self.engine.generate(prompts, settings)):
-            state.messages.append({"role": "tool", "tool_call_id": call["id"], "content": state.record(generation)})
-        return [state for state, _ in called]
+        call = yield from (self._guided_call(state) if config.call_mode == "guided" else self._free_call(state))
+        if call is None:
+            return False
+        content, calls = call
+        state.messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+        tools = {tool["function"]["name"]: tool for tool in state.seed.tools}
+        wants = []
+        for tool_call in calls:
+            name, arguments = tool_call["function"]["name"], tool_call["function"]["arguments"]
+            # A call of a tool the seed does not offer is simulated from its name alone; the tool-call filter
+            # rejects the dialogue later, with the reason.
+            tool = tools.get(name, {"type": "function", "function": {"name": name}})
+            system = config.tool_prompt.format(tool=json.dumps(tool, ensure_ascii=False, sort_keys=True), call=arguments)
+            prompt = self._prompt([{"role": "system", "content": system}, {"role": "user", "content": arguments}])
+            wants.append((prompt, self._settings(config.tool)))
+        generations = yield wants
+        for tool_call, generation in zip(calls, generations):
+            state.messages.append({"role": "tool", "tool_call_id": tool_call["id"], "content": state.record(generation)})
+        return True
 
-    def _free_calls(self, states: list[_State], chunk: int) -> list[tuple[str, list[dict]] | None]:
+    def _free_call(self, state: _State) -> Generator[Wants, list[Generation], tuple[str, list[dict]] | None]:
         """The model writes the call; a response without a parsable call is kept as a plain answer and flagged."""
-        prompts = [self._prompt(s.messages, s.seed.tools) for s in states]
-        settings = self._settings(self.config.assistant, chunk, 0, "tool_call")
-        results = []
-        for state, generation in zip(states, self.engine.generate(prompts, settings)):
-            text = state.record(generation)
-            parsed = parse_tool_calls(text)
-            if not parsed:
-                state.tool_call_error = "no tool call" if parsed == [] else "tool call is not JSON"
-                state.messages.append({"role": "assistant", "content": text})
-                state.simulator_history.append({"role": "user", "content": text})
-                results.append(None)
-                continue
-            content = text[: text.find(TOOL_CALL_OPEN)].strip()
-            results.append((content, [openai_tool_call(f"call_{i}", call["name"], call["arguments"])
-                                      for i, call in enumerate(parsed)]))
-        return results
+        [generation] = yield [(self._prompt(state.messages, state.seed.tools), self._settings(self.config.assistant))]
+        text = state.record(generation)
+        parsed = parse_tool_calls(text)
+        if not parsed:
+            state.tool_call_error = "no tool call" if parsed == [] else "tool call is not JSON"
+            state.messages.append({"role": "assistant", "content": text})
+            state.simulator_history.append({"role": "user", "content": text})
+            return None
+        content = text[: text.find(TOOL_CALL_OPEN)].strip()
+        return content, [openai_tool_call(f"call_{i}", call["name"], call["arguments"]) for i, call in enumerate(parsed)]
 
-    def _guided_calls(self, states: list[_State], chunk: int) -> list[tuple[str, list[dict]]]:
+    def _guided_call(self, state: _State) -> Generator[Wants, list[Generation], tuple[str, list[dict]]]:
         """The schema fixes the call's structure (the seed's tool, its required properties in schema order); the
         model writes each value, continuing the call text written so far (jsonformer style)."""
-        plans = []
-        for state in states:
-            tool = next(t for t in state.seed.tools if t["function"]["name"] == state.seed.tool)
-            parameters = tool["function"].get("parameters", {})
-            properties = parameters.get("properties", {})
-            required = [name for name in properties if name in parameters.get("required", [])]
-            plans.append((state, tool["function"]["name"], [(n, properties[n].get("type", "string")) for n in required]))
-        filled: list[list[tuple[str, object]]] = [[] for _ in states]
-        position = 0
-        while True:
-            pending = [(i, plan) for i, plan in enumerate(plans) if position < len(plan[2])]
-            if not pending:
-                break
-            for kind in ("string", "other"):  # one engine call per stop rule
-                batch = [(i, plan) for i, plan in pending if (plan[2][position][1] == "string") == (kind == "string")]
-                if not batch:
-                    continue
-                prompts = [
-                    self._prompt(plan[0].messages, plan[0].seed.tools)
-                    + json_prefix_for(plan[1], filled[i], *plan[2][position])
-                    for i, plan in batch
-                ]
-                settings = self._settings(
-                    self.config.assistant, chunk, position, f"guided_{kind}",
-                    stop=['"'] if kind == "string" else [",", "}", "\n"],
-                    max_new_tokens=min(GUIDED_VALUE_TOKENS, self.config.assistant.max_new_tokens),
-                )
-                for (i, plan), generation in zip(batch, self.engine.generate(prompts, settings)):
-                    name, property_type = plan[2][position]
-                    filled[i].append((name, parse_guided_value(plan[0].record(generation), property_type)))
-            position += 1
-        return [("", [openai_tool_call("call_0", plan[1], dict(filled[i]))]) for i, plan in enumerate(plans)]
+        tool = next(t for t in state.seed.tools if t["function"]["name"] == state.seed.tool)
+        name = tool["function"]["name"]
+        parameters = tool["function"].get("parameters", {})
+        properties = parameters.get("properties", {})
+        required = [p for p in properties if p in parameters.get("required", [])]
+        filled: list[tuple[str, object]] = []
+        for property_name in required:
+            property_type = properties[property_name].get("type", "string")
+            settings = self._settings(
+                self.config.assistant, stop=['"'] if property_type == "string" else [",", "}", "\n"],
+                max_new_tokens=min(GUIDED_VALUE_TOKENS, self.config.assistant.max_new_tokens),
+            )
+            prompt = (self._prompt(state.messages, state.seed.tools)
+                      + json_prefix_for(name, filled, property_name, property_type))
+            [generation] = yield [(prompt, settings)]
+            filled.append((property_name, parse_guided_value(state.record(generation), property_type)))
+        return "", [openai_tool_call("call_0", name, dict(filled))]
 
     # ------------------------------------------------------------------ result
 
