@@ -3,6 +3,7 @@ speculation, are the same dialogues as each seed synthesized alone (greedy decod
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ from model.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 from model.tokenizer import train_bpe_tokenizer
 from sft_synth.config import InstructionConfig, KnowledgeConfig, ToolUseConfig
 from sft_synth.dialogue import DialogueSynthesizer
-from sft_synth.generation import GenerationEngine, GenerationSettings, SpeculativeConfig
+from sft_synth.generation import (
+    Generation,
+    GenerationEngine,
+    GenerationSettings,
+    GenerationStats,
+    SpeculativeConfig,
+)
 from sft_synth.seeds import Seed
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text" / "tinyshakespeare.txt"
@@ -91,3 +98,47 @@ def test_a_chunk_streamed_through_few_slots_equals_each_dialogue_alone(pair, fam
         assert call["name"] == "get_weather" and sorted(json.loads(call["arguments"])) == ["city", "days"]
     else:
         assert roles == ["system", "user", "assistant", "user", "assistant"]
+
+
+class ScriptedEngine:
+    """Answers every request from a script on its prompt text, in the order the stream queues them."""
+
+    prefix_cache = None
+
+    def __init__(self, reply):
+        self.reply, self.prompts = reply, []
+        self.tokenizer = SimpleNamespace(token_to_id=lambda token: None)
+        self.target = SimpleNamespace(config=SimpleNamespace(eos_token_id=2))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        self.prompts.append(prompt)
+        return [len(self.prompts) - 1]
+
+    def serve(self, requests, on_finish, **kwargs):
+        queue = list(requests)
+        while queue:
+            request = queue.pop(0)
+            text = self.reply(self.prompts[request.prompt_token_ids[0]])
+            queue += on_finish(request, Generation(text, [7] * len(text.split()), "stop", [], GenerationStats()))
+
+
+def test_a_call_of_a_tool_the_seed_does_not_offer_is_answered_and_the_dialogue_goes_on():
+    config = ToolUseConfig(**COMMON, user_prompt="Use {material}.", tools=[WEATHER], call_mode="free",
+                           tool_prompt="You are the tool {tool}; answer the call {call}.")
+
+    def reply(prompt: str) -> str:
+        if "You are the tool" in prompt:
+            return '{"time": "12:00"}'
+        if "Use get_weather." in prompt:  # the user simulator
+            return "What is the time in Oslo?"
+        if "12:00" in prompt:  # the assistant, after the tool's answer
+            return "It is noon in Oslo."
+        return 'Checking. <tool_call>{"name": "get_time", "arguments": {"city": "Oslo"}}</tool_call>'
+
+    seed = Seed("tool_use", "t:0", "test", "get_weather", tools=[WEATHER], tool="get_weather")
+    [dialogue] = DialogueSynthesizer(ScriptedEngine(reply), "tool_use", config, run_seed=0).synthesize([seed], 0)
+    messages = dialogue["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert messages[2]["tool_calls"][0]["function"]["name"] == "get_time"
+    assert messages[3]["content"] == '{"time": "12:00"}' and messages[4]["content"] == "It is noon in Oslo."
+    assert dialogue["tool_call_error"] is None
