@@ -432,6 +432,9 @@ def main() -> None:
     parser.add_argument("--draft-steps", type=int, default=None, help="override the size's draft training steps")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the best of them counts")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="decoding slots, comma-separated")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="held-out prompts decoded at every batch size (default: the largest batch size); more "
+                        "prompts steady the sampled cells, whose accepted lengths vary from prompt to prompt")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy box)")
     args = parser.parse_args()
     os.chdir(REPO)  # the shared data is addressed relative to the repository root
@@ -478,7 +481,7 @@ def main() -> None:
             speculative=speculative(frspec_steps, args.frspec_fraction),
         ),
     }
-    prompts = paragraph_prompts(tokenizer, held_out_paragraphs(size, max(batch_sizes)), PROMPT_TOKENS)
+    prompts = paragraph_prompts(tokenizer, held_out_paragraphs(size, args.prompts or max(batch_sizes)), PROMPT_TOKENS)
     runs = {
         "sampling T=0.7": GenerationSettings(max_new_tokens=size["max_new_tokens"], temperature=0.7, ignore_eos=True,
                                              seed=3),
