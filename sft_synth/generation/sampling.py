@@ -85,16 +85,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Set logits outside the top-k and outside the top-p nucleus to -inf; the most likely token always stays.
     top_k / top_p are numbers or [B], one per row (top_k 0 and top_p 1 filter nothing)."""
-    vocab = logits.shape[-1]
-    if isinstance(top_k, torch.Tensor):
-        rows = (top_k > 0) & (top_k < vocab)
-        if bool(rows.any()):
-            values = torch.topk(logits, int(top_k[rows].max()), dim=-1).values
-            index = _per_row(top_k.clamp(1, values.shape[-1]) - 1, values).expand(*values.shape[:-1], 1)
-            logits = logits.masked_fill((logits < values.gather(-1, index)) & _per_row(rows, logits), float("-inf"))
-    elif 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_k = torch.as_tensor(top_k, device=logits.device).expand(logits.shape[0])
+    rows = (top_k > 0) & (top_k < logits.shape[-1])
+    if bool(rows.any()):
+        values = torch.topk(logits, int(top_k[rows].max()), dim=-1).values
+        index = _per_row(top_k.clamp(1, values.shape[-1]) - 1, values).expand(*values.shape[:-1], 1)
+        logits = logits.masked_fill((logits < values.gather(-1, index)) & _per_row(rows, logits), float("-inf"))
     if isinstance(top_p, torch.Tensor):
         # Rows without a nucleus compare against 2, which no mass reaches.
         top_p = _per_row(torch.where(top_p < 1.0, top_p, 2.0), logits) if bool((top_p < 1.0).any()) else 1.0
