@@ -318,6 +318,76 @@ def test_a_prompt_admitted_while_another_decodes_reuses_its_prompt(models, token
     assert len(warm.prefix_cache) == sum(len(p) - 1 >= BLOCK_TOKENS for p in prompts)
 
 
+def prefill_passes(engine: GenerationEngine) -> list[int]:
+    """Record the rows of every prefill pass of the engine's target."""
+    rows: list[int] = []
+    prefill = engine._prefill
+
+    def recording(model, seq, mask, cache):
+        if model is engine.target:
+            rows.append(seq.shape[0])
+        return prefill(model, seq, mask, cache)
+
+    engine._prefill = recording
+    return rows
+
+
+def prompt_kv_alone(engine: GenerationEngine, models_used: list, prompt: list[int]) -> dict:
+    """Each model's keys and values of all but the prompt's last token, the prompt prefilled on its own."""
+    row = engine._row(Request(prompt, GREEDY))
+    engine._prefill_prompts([row], models_used)
+    return row.prompt_kv
+
+
+@pytest.mark.parametrize("draft_name", [None, "close_draft"])
+def test_prompts_with_and_without_a_cached_prefix_share_a_prefill_pass(models, tokenizer, uneven_alone, draft_name):
+    """Continuations of cached dialogues (of different prefix lengths) and new prompts prefilled in one pass give each
+    prompt the keys and values it gets prefilled alone without a cache, for the target and the draft."""
+    draft = getattr(models, draft_name) if draft_name else None
+    warm = GenerationEngine(models.target, tokenizer, draft, prefix_cache_tokens=4096)
+    cold = GenerationEngine(models.target, tokenizer, draft)
+    models_used = [models.target] + ([draft] if draft else [])
+    cached = [g.prompt_token_ids + g.token_ids for g in uneven_alone[5:]]
+    for context in cached:
+        warm.prefix_cache.store(context, prompt_kv_alone(cold, models_used, context + [0]))
+    more = tokenizer.encode(" Speak again.").ids
+    prompts = [context + more for context in cached] + [g.prompt_token_ids for g in uneven_alone[:3]]
+    rows = [warm._row(Request(prompt, GREEDY)) for prompt in prompts]
+    passes = prefill_passes(warm)
+    warm._prefill_prompts(rows, models_used)
+    assert passes == [len(rows)]
+    assert [row.stats.reused_prompt_tokens for row in rows] == [len(c) for c in cached] + [0, 0, 0]
+    for row, prompt in zip(rows, prompts):
+        alone = prompt_kv_alone(cold, models_used, prompt)
+        for m in range(len(models_used)):
+            for got, expected in zip([*row.prompt_kv[m][0], *row.prompt_kv[m][1]], [*alone[m][0], *alone[m][1]]):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_passes_group_rows_by_the_measured_cost_of_their_new_tokens(models, tokenizer):
+    """A 1,000-token prompt gets a pass of its own, the short ones share one: by the cost table (a pass over n tokens
+    costs 1, 2, 9 at 1, 8, 64 tokens and 0.125 more per token beyond: 138.25 against 139.4 with a pass per row and
+    501 all together) and, without a table, by passes costing the same up to WEIGHT_BOUND_TOKENS tokens."""
+    measured = GenerationEngine(models.target, tokenizer, speculative=SpeculativeConfig(target_step_costs={8: 2.0, 64: 9.0}))
+    unmeasured = GenerationEngine(models.target, tokenizer)
+    for engine in (measured, unmeasured):
+        assert engine._prefill_groups([30, 1000, 25, 28]) == [[2, 3, 0], [1]]
+    assert unmeasured._prefill_groups([30, 30, 30]) == [[0, 1, 2]]
+    # Pure compute (a pass costs its tokens): sharing a pass saves nothing, padding costs, so every row goes alone.
+    linear = GenerationEngine(models.target, tokenizer, speculative=SpeculativeConfig(target_step_costs={2: 2.0}))
+    assert sorted(map(sorted, linear._prefill_groups([3, 9, 5]))) == [[0], [1], [2]]
+
+
+def test_waiting_prompts_are_prefilled_a_batch_at_a_time(models, tokenizer, uneven_settings, uneven_alone):
+    """Rows of uneven lengths end one or two at a time, yet the prompts that take their slots were prefilled a batch
+    at a time: 9 prompts through 3 slots in 4 passes (3 rows, then 3, 2 and 1; a pass per refill took 6)."""
+    engine = GenerationEngine(models.target, tokenizer, max_batch_size=3)
+    passes = prefill_passes(engine)
+    results = engine.generate_from_ids([g.prompt_token_ids for g in uneven_alone], uneven_settings)
+    assert [g.token_ids for g in results] == [g.token_ids for g in uneven_alone]
+    assert passes == [3, 3, 2, 1]
+
+
 def test_prefix_cache_finds_the_longest_prefix_and_evicts_the_least_recently_used():
     def kv(n):
         return {0: ([torch.zeros(1, n, 2)], [torch.zeros(1, n, 2)])}

@@ -14,9 +14,12 @@ attended to again, so every row continues exactly as if it had been decoded alon
 accepted: lossless per row, and a row that accepts more advances further.
 
 Continuous batching. When rows finish, or masked columns fill the caches, the batch is rebuilt before the next
-step: surviving rows keep their real columns (packed to the right, which drops their holes), waiting prompts are
-prefilled together and take the free slots, and both caches are gathered into the new layout. The columns beyond
-the draft's cache are moved as they are, so both caches stay prefixes of the new layout.
+step: surviving rows keep their real columns (packed to the right, which drops their holes), waiting prompts take
+the free slots, and both caches are gathered into the new layout. The columns beyond the draft's cache are moved as
+they are, so both caches stay prefixes of the new layout. Rows end one or two at a time, so a prompt about to take
+a slot is prefilled together with those next in line, up to a batch, and they later take their slots without a
+pass; prompts that continue a cached dialogue share that pass with new ones (each sees its own prefix through the
+mask), grouped by length so that a long prompt does not make short ones pay for its padding.
 
 The adaptive controller (speculative.DraftLengthController) picks k per step from the acceptance rate and a cost
 model of the target and the draft at the current batch size, down to k = 0 where speculation would not pay.
@@ -49,6 +52,9 @@ from .speculative import DraftLengthController, StepCost, verify_greedy, verify_
 
 Prompt = str | Sequence[Mapping[str, str]]
 EOS_TOKENS = ("</s>", IM_END)
+# Without measured step costs, a pass over this many tokens or fewer is taken to cost what reading the weights costs
+# (a GPU serving a 7-8B model; a CPU's table, which benchmarks/generate.py measures, says a few tokens).
+WEIGHT_BOUND_TOKENS = 256
 
 
 class SpeculativeConfig(BaseModel):
@@ -127,6 +133,7 @@ class _Row:
     stop_text_end: int | None = None  # where a stop string starts in the decoded text
     stats: GenerationStats = field(default_factory=GenerationStats)
     cached_prompt: PrefixEntry | None = None  # its prompt in the prefix cache, until the whole row replaces it
+    prompt_kv: dict[int, LayerKV] | None = None  # per model, its prompt's keys and values until it takes a slot
 
     @property
     def settings(self) -> GenerationSettings:
@@ -460,7 +467,7 @@ class GenerationEngine:
             seen[:n_kept] = running.seen[keep]
         if admitted:
             self._admit(admitted, torch.arange(n_kept, batch, device=self.device), packed, models, caches, seq, mask,
-                        seen)
+                        seen, waiting)
             if not kept:
                 for cache in caches:
                     cache.length = packed
@@ -479,62 +486,100 @@ class GenerationEngine:
         slots = torch.tensor(finished, device=self.device)
         running.mask[slots] = 0
         running.seen[slots] = False
-        self._admit(admitted, slots, prefix, models, running.caches, running.seq, running.mask, running.seen)
+        self._admit(admitted, slots, prefix, models, running.caches, running.seq, running.mask, running.seen, waiting)
         for slot, row in zip(finished, admitted):
             running.rows[slot] = row
         running.refilled = True
         return True
 
     def _admit(self, admitted: list[_Row], slots: torch.Tensor, end: int, models: list, caches: list,
-               seq: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor) -> None:
-        """Prefill new prompts and write them into empty slots: all but their last token right-aligned to column
-        `end` (their cache columns too), the last token in the last column; what lies between stays masked. Prompts
-        that begin with a cached prefix are prefilled one by one from its end, the others together."""
+               seq: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor, waiting: deque) -> None:
+        """Write new prompts into empty slots: all but their last token right-aligned to column `end` (their cache
+        columns too, copied from each row's prefilled keys and values), the last token in the last column; what lies
+        between stays masked. Under continuous batching the prompts next in line are prefilled in the same pass, up
+        to a batch in all: rows end one or two at a time, and a pass over one short prompt costs nearly as much as
+        over eight (every pass reads all the weights), so their slots later take them without a pass."""
+        if any(row.prompt_kv is None for row in admitted):
+            ahead = itertools.islice(waiting, self.max_batch_size - len(admitted)) if self.continuous_batching else ()
+            self._prefill_prompts([row for row in [*admitted, *ahead] if row.prompt_kv is None], models)
         prompt_len = max(len(row.prompt_token_ids) for row in admitted)
         new_seq, new_mask = self._left_padded([row.prompt_token_ids for row in admitted], prompt_len)
         start = end - (prompt_len - 1)
         seq[slots, start:end], mask[slots, start:end] = new_seq[:, :-1], new_mask[:, :-1]
         seq[slots, -1], mask[slots, -1] = new_seq[:, -1], 1
-        hits = {}
-        if self.prefix_cache is not None:
-            for i, row in enumerate(admitted):
-                entry, length = self.prefix_cache.lookup(row.prompt_token_ids[:-1])
-                if entry is not None:
-                    hits[i] = entry, length
-        together = [i for i in range(len(admitted)) if i not in hits]
-        prompt_kv = {i: {} for i in range(len(admitted))}  # per row, per model: its prompt's keys and values
-        if together:
-            group_len = max(len(admitted[i].prompt_token_ids) for i in together)
-            group_seq, group_mask = new_seq[together, -group_len:], new_mask[together, -group_len:]
-            for m, (model, cache) in enumerate(zip(models, caches)):
-                fresh = self._new_cache(model, len(together), group_len)
-                self._prefill(model, group_seq, group_mask, fresh)
-                for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
-                    tensor[slots[together], :, end - (group_len - 1) : end] = fresh_tensor[:, :, : group_len - 1]
-                if self.prefix_cache is not None:
-                    for g, i in enumerate(together):
-                        first = group_len - len(admitted[i].prompt_token_ids)  # left padding
-                        prompt_kv[i][m] = _row_kv(fresh, g, torch.arange(first, group_len - 1, device=self.device))
-        for i, (entry, length) in hits.items():
-            prompt = admitted[i].prompt_token_ids
-            ids = torch.tensor([prompt], device=self.device)
-            for m, (model, cache) in enumerate(zip(models, caches)):
-                fresh = self._new_cache(model, 1, len(prompt))
-                if m in entry.kv:
-                    fresh.length = min(length, entry.kv[m][0][0].shape[1])
-                    for stored, tensor in zip([*entry.kv[m][0], *entry.kv[m][1]], _cache_tensors(fresh)):
-                        tensor[0, :, : fresh.length] = stored[:, : fresh.length]
-                    if m == 0:
-                        admitted[i].stats.reused_prompt_tokens = fresh.length
-                self._prefill(model, ids, torch.ones_like(ids), fresh)
-                for fresh_tensor, tensor in zip(_cache_tensors(fresh), _cache_tensors(cache)):
-                    tensor[slots[i], :, end - (len(prompt) - 1) : end] = fresh_tensor[0, :, : len(prompt) - 1]
-                prompt_kv[i][m] = _row_kv(fresh, 0, torch.arange(len(prompt) - 1, device=self.device))
-        if self.prefix_cache is not None:
-            for i, row in enumerate(admitted):
-                row.cached_prompt = self.prefix_cache.store(row.prompt_token_ids[:-1], prompt_kv[i])
+        for slot, row in zip(slots.tolist(), admitted):
+            first = end - (len(row.prompt_token_ids) - 1)
+            for m, cache in enumerate(caches):
+                for stored, tensor in zip([*row.prompt_kv[m][0], *row.prompt_kv[m][1]], _cache_tensors(cache)):
+                    tensor[slot, :, first:end] = stored
+            row.prompt_kv = None
         vocab = self.target.config.vocab_size
         seen[slots] = seen[slots].scatter(1, torch.where(new_mask.bool(), new_seq, vocab), True)
+
+    def _prefill_prompts(self, rows: list[_Row], models: list) -> None:
+        """Each model's keys and values of every row's prompt but its last token, kept on the row until it takes a
+        slot. A prompt that begins with a cached prefix prefills only the rest. Rows go through in passes of
+        similar lengths (see _prefill_groups), one per model and group."""
+        if not rows:
+            return
+        hits = [self.prefix_cache.lookup(row.prompt_token_ids[:-1]) if self.prefix_cache is not None else (None, 0)
+                for row in rows]
+        new_tokens = [len(row.prompt_token_ids) - length for row, (_, length) in zip(rows, hits)]
+        for group in self._prefill_groups(new_tokens):
+            self._prefill_group([rows[i] for i in group], [hits[i] for i in group], models)
+        if self.prefix_cache is not None:
+            for row in rows:
+                row.cached_prompt = self.prefix_cache.store(row.prompt_token_ids[:-1], row.prompt_kv)
+
+    def _prefill_groups(self, new_tokens: list[int]) -> list[list[int]]:
+        """Rows (by index) in passes that cost least in all by the target's step costs: a pass runs every row over
+        its longest row's new tokens, so a 1,000-token prompt beside 30-token continuations of cached dialogues would
+        make each of them pay for 1,000, while a pass per row pays each pass's fixed cost again. Rows sorted by new
+        tokens, the cheapest split into runs of neighbours (a dynamic program over the at most max_batch_size rows)."""
+        table = self.speculative.target_step_costs
+        cost = StepCost(table) if table else (lambda n: max(1.0, n / WEIGHT_BOUND_TOKENS))
+        order = sorted(range(len(new_tokens)), key=lambda i: new_tokens[i])
+        best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+        for end in range(1, len(order) + 1):
+            for begin in range(end):
+                total = best[begin] + cost((end - begin) * new_tokens[order[end - 1]])
+                if total < best[end]:
+                    best[end], cut[end] = total, begin
+        groups, end = [], len(order)
+        while end:
+            groups.append(order[cut[end]:end])
+            end = cut[end]
+        return groups[::-1]
+
+    def _prefill_group(self, rows: list[_Row], hits: list, models: list) -> None:
+        """One pass per model over rows with and without a cached prefix: a prefix's keys and values go into the
+        pass's cache, right-aligned before the column where the new tokens begin, and the masked columns between are
+        invisible to the row."""
+        for row in rows:
+            row.prompt_kv = {}
+        for m, model in enumerate(models):
+            # Per row, how many leading prompt tokens this model's keys and values come from the cache for.
+            cached = [min(length, entry.kv[m][0][0].shape[1]) if entry is not None and m in entry.kv else 0
+                      for entry, length in hits]
+            prefix = max(cached)
+            rest = max(len(row.prompt_token_ids) - c for row, c in zip(rows, cached))
+            seq = torch.full((len(rows), prefix + rest), self.pad_id, dtype=torch.long, device=self.device)
+            mask = torch.zeros_like(seq)
+            fresh = self._new_cache(model, len(rows), prefix + rest)
+            fresh.length = prefix
+            for g, (row, c, (entry, _)) in enumerate(zip(rows, cached, hits)):
+                new = row.prompt_token_ids[c:]
+                seq[g, prefix + rest - len(new):] = torch.tensor(new, device=self.device)
+                mask[g, prefix + rest - len(new):] = 1
+                mask[g, prefix - c : prefix] = 1
+                if c:
+                    for stored, tensor in zip([*entry.kv[m][0], *entry.kv[m][1]], _cache_tensors(fresh)):
+                        tensor[g, :, prefix - c : prefix] = stored[:, :c]
+                if m == 0:
+                    row.stats.reused_prompt_tokens = c
+            self._prefill(model, seq, mask, fresh)
+            for g, row in enumerate(rows):
+                row.prompt_kv[m] = _row_kv(fresh, g, mask[g, :-1].nonzero().squeeze(1))
 
     def _left_padded(self, prompts: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         seq = torch.full((len(prompts), length), self.pad_id, dtype=torch.long, device=self.device)
