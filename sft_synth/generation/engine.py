@@ -497,8 +497,8 @@ class GenerationEngine:
         """Write new prompts into empty slots: all but their last token right-aligned to column `end` (their cache
         columns too, copied from each row's prefilled keys and values), the last token in the last column; what lies
         between stays masked. Under continuous batching the prompts next in line are prefilled in the same pass, up
-        to a batch in all: rows end one or two at a time, and a pass over one short prompt costs nearly as much as
-        over eight (every pass reads all the weights), so their slots later take them without a pass."""
+        to a batch in all: rows end one or two at a time, and every pass reads all the weights, so a pass over one
+        short prompt costs a good part of one over eight; their slots later take them without a pass."""
         if any(row.prompt_kv is None for row in admitted):
             ahead = itertools.islice(waiting, self.max_batch_size - len(admitted)) if self.continuous_batching else ()
             self._prefill_prompts([row for row in [*admitted, *ahead] if row.prompt_kv is None], models)
