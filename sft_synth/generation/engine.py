@@ -562,16 +562,15 @@ class GenerationEngine:
             cached = [min(length, entry.kv[m][0][0].shape[1]) if entry is not None and m in entry.kv else 0
                       for entry, length in hits]
             prefix = max(cached)
-            rest = max(len(row.prompt_token_ids) - c for row, c in zip(rows, cached))
-            seq = torch.full((len(rows), prefix + rest), self.pad_id, dtype=torch.long, device=self.device)
-            mask = torch.zeros_like(seq)
-            fresh = self._new_cache(model, len(rows), prefix + rest)
+            new_tokens = [row.prompt_token_ids[c:] for row, c in zip(rows, cached)]
+            new_seq, new_mask = self._left_padded(new_tokens, max(map(len, new_tokens)))
+            cached_tokens = torch.tensor(cached, device=self.device)[:, None]
+            prefix_mask = torch.arange(prefix, device=self.device) >= prefix - cached_tokens  # right-aligned prefixes
+            seq = torch.cat([new_seq.new_full((len(rows), prefix), self.pad_id), new_seq], dim=1)
+            mask = torch.cat([prefix_mask.long(), new_mask], dim=1)
+            fresh = self._new_cache(model, len(rows), seq.shape[1])
             fresh.length = prefix
             for g, (row, c, (entry, _)) in enumerate(zip(rows, cached, hits)):
-                new = row.prompt_token_ids[c:]
-                seq[g, prefix + rest - len(new):] = torch.tensor(new, device=self.device)
-                mask[g, prefix + rest - len(new):] = 1
-                mask[g, prefix - c : prefix] = 1
                 if c:
                     for stored, tensor in zip([*entry.kv[m][0], *entry.kv[m][1]], _cache_tensors(fresh)):
                         tensor[g, :, prefix - c : prefix] = stored[:, :c]
