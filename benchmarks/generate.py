@@ -324,18 +324,26 @@ def point_at(link: Path, directory: Path) -> None:
 
 
 @torch.no_grad()
-def decode_step(model: MiniCPMForCausalLM, head, *, batch: int, context: int, device: torch.device):
+def decode_step(model: MiniCPMForCausalLM, head, *, batch: int, context: int, device: torch.device,
+                compiled: bool = False):
     """One decode step over batch rows at a fixed cache length, as a function to time: forward, LM head (full or
-    subset), sampling probabilities."""
+    subset), sampling probabilities. compiled: the forward as GenerationEngine(torch_compile=True) runs it (a mask
+    given, the cache holding one), so the timings are the compiled steps' and their graphs are the engine's."""
     settings = GenerationSettings(temperature=0.7)
     cache = model.new_cache(batch, context + 1)
     ids = torch.randint(0, model.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     model.final_hidden(ids[:, :context], cache=cache)
+    forward, kwargs = model.final_hidden, {}
+    if compiled:
+        forward = torch.compile(model.final_hidden, dynamic=True)
+        cache.attention_mask = torch.ones(batch, context + 1, dtype=torch.long, device=device)
+        kwargs = {"attention_mask": cache.attention_mask.clone(),
+                  "position_ids": torch.full((batch, 1), context, device=device)}
 
     @torch.no_grad()
     def step():
-        hidden = model.final_hidden(ids[:, context:], cache=cache)
+        hidden = forward(ids[:, context:].clone(), cache=cache, **kwargs)
         logits_to_probs(head(hidden).float(), settings)
         cache.crop(context)
 
@@ -365,12 +373,14 @@ def relative_costs(step_seconds: dict[int, float]) -> dict[int, float]:
 
 
 def measure(engines: dict, prompts: list[str], settings: GenerationSettings, device, rounds: int,
-            batch_size: int) -> dict:
+            batch_size: int, full_warm_up: bool = False) -> dict:
     """Decode all prompts with every engine through batch_size slots (continuous batching), rounds times
-    interleaved; keep each engine's best time. Interleaving and the minimum make the ratios robust to other load."""
+    interleaved; keep each engine's best time. Interleaving and the minimum make the ratios robust to other load.
+    full_warm_up: warm up on the whole run, so that compiled engines meet every kind of step before the clock runs."""
     for engine in engines.values():
         engine.max_batch_size = batch_size
-        engine.generate(prompts[:batch_size], settings.model_copy(update={"max_new_tokens": 8}))  # warm-up
+        engine.generate(prompts if full_warm_up else prompts[:batch_size],
+                        settings if full_warm_up else settings.model_copy(update={"max_new_tokens": 8}))
     seconds = dict.fromkeys(engines, float("inf"))
     results = {}
     for _ in range(rounds):
@@ -436,6 +446,9 @@ def main() -> None:
                         help="held-out prompts decoded at every batch size (default: the largest batch size); more "
                         "prompts steady the sampled cells, whose accepted lengths vary from prompt to prompt")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy box)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="decoding steps of both models through torch.compile in every mode, plain included "
+                        "(GenerationEngine(torch_compile=True)); the step costs are measured compiled too")
     args = parser.parse_args()
     os.chdir(REPO)  # the shared data is addressed relative to the repository root
     if args.threads:
@@ -447,7 +460,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     target_dir, draft_dir = build_models(args, size)
-    plain = GenerationEngine.from_pretrained(target_dir, device=device)
+    plain = GenerationEngine.from_pretrained(target_dir, device=device, torch_compile=args.torch_compile)
     target, draft, tokenizer = plain.target, MiniCPMForCausalLM.from_pretrained(draft_dir, device=device), plain.tokenizer
     frequencies = TokenFrequencies.load(draft_dir)
     subset = frequencies.top_tokens(args.frspec_fraction, tuple(plain.eos_ids))
@@ -463,7 +476,8 @@ def main() -> None:
         "draft_full_vocab": (draft, lambda h: h @ draft.lm_head_weight().T, (1, 2, 4, 8, 16)),
         "draft_frspec": (draft, FRSpecHead(draft.lm_head_weight(), subset), (1, 2, 4, 8, 16)),
     }
-    seconds = best_step_seconds({(name, n): decode_step(model, head, batch=n, context=context, device=device)
+    seconds = best_step_seconds({(name, n): decode_step(model, head, batch=n, context=context, device=device,
+                                                        compiled=args.torch_compile)
                                  for name, (model, head, batches) in heads.items() for n in batches}, steps, device)
     target_steps, full_steps, frspec_steps = ({n: seconds[name, n] for n in heads[name][2]} for name in heads)
 
@@ -475,10 +489,11 @@ def main() -> None:
 
     engines = {
         "plain": plain,
-        "speculative": GenerationEngine(target, tokenizer, draft, speculative=speculative(full_steps, 1.0)),
+        "speculative": GenerationEngine(target, tokenizer, draft, speculative=speculative(full_steps, 1.0),
+                                        torch_compile=args.torch_compile),
         "speculative+FR-Spec": GenerationEngine(
             target, tokenizer, draft, frspec_frequencies=frequencies,
-            speculative=speculative(frspec_steps, args.frspec_fraction),
+            speculative=speculative(frspec_steps, args.frspec_fraction), torch_compile=args.torch_compile,
         ),
     }
     prompts = paragraph_prompts(tokenizer, held_out_paragraphs(size, args.prompts or max(batch_sizes)), PROMPT_TOKENS)
@@ -491,7 +506,8 @@ def main() -> None:
                     for name, table in (("target", target_steps), ("draft_full_vocab", full_steps),
                                         ("draft_frspec", frspec_steps))}
     report = {
-        "size": args.size, "device": str(device), "threads": torch.get_num_threads(), "vocab_size": target.config.vocab_size,
+        "size": args.size, "device": str(device), "threads": torch.get_num_threads(),
+        "torch_compile": args.torch_compile, "vocab_size": target.config.vocab_size,
         "target_parameters": target.num_parameters(), "draft_parameters": draft.num_parameters(),
         "frspec_subset": int(subset.numel()), "prompts": len(prompts),
         "decode_step_ms_by_tokens": milliseconds,
@@ -500,7 +516,7 @@ def main() -> None:
     }
     print(f"\ntarget {report['target_parameters'] / 1e6:.2f} M parameters, draft {report['draft_parameters'] / 1e6:.2f} M,"
           f" vocabulary {target.config.vocab_size}, FR-Spec subset {subset.numel()} tokens; device {device},"
-          f" {torch.get_num_threads()} threads")
+          f" {torch.get_num_threads()} threads{', decoding steps compiled' if args.torch_compile else ''}")
     for name, table in milliseconds.items():
         print(f"decode step ms, {name}, by tokens per step: "
               + ", ".join(f"{n}: {ms:.2f}" for n, ms in table.items()))
@@ -513,7 +529,8 @@ def main() -> None:
         print(f"  {'B':>3}{'plain tok/s':>13}{'speculative':>13}{'ratio':>7}{'acc.len':>8}{'k/step':>7}"
               f"{'+FR-Spec':>10}{'ratio':>7}{'acc.len':>8}{'k/step':>7}{'identical':>10}")
         for batch in batch_sizes:
-            figures = by_batch[str(batch)] = measure(engines, prompts, settings, device, args.rounds, batch)
+            figures = by_batch[str(batch)] = measure(engines, prompts, settings, device, args.rounds, batch,
+                                                     full_warm_up=args.torch_compile)
             base = figures["plain"]["tokens_per_s"]
             line = f"  {batch:>3}{base:>13.1f}"
             for mode in ("speculative", "speculative+FR-Spec"):

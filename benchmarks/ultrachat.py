@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--target", help="target checkpoint dir (default: train the pair as benchmarks/generate.py)")
     parser.add_argument("--draft", help="draft checkpoint dir, with FR-Spec counts if it has them")
     parser.add_argument("--temperatures", default="0.7,0", help="comma-separated; 0 is greedy")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="decoding steps through torch.compile in every mode (GenerationEngine(torch_compile=True))")
     parser.add_argument("--costs", type=Path, default=None,
                         help="generate_benchmark.json of benchmarks/generate.py on the same models and machine: the "
                         "controller takes the step costs it measured (default: a draft cost from parameter counts, "
@@ -191,7 +193,7 @@ def main() -> None:
     if args.costs:
         speculative = SpeculativeConfig(**json.loads(args.costs.read_text())["controller_costs"]["speculative+FR-Spec"])
     engine = GenerationEngine.from_pretrained(target_dir, draft_dir, device=device, speculative=speculative,
-                                              max_batch_size=size["batch_size"])
+                                              max_batch_size=size["batch_size"], torch_compile=args.torch_compile)
     job_config = parse_config(yaml.safe_load(DEFAULT_CONFIG.read_text()), str(DEFAULT_CONFIG))
     prefix_cache_tokens = job_config.models.prefix_cache_tokens
     prefix_cache = PrefixCache(prefix_cache_tokens)

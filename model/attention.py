@@ -36,9 +36,12 @@ def attention(
         return infllmv2_attention(q, k, v, sparse_config, attention_mask=attention_mask)
     gqa = q.shape[1] != k.shape[1]
     if attention_mask is None:
-        if Tq == 1 or Tq == Tk:
-            # Decode sees every key; prefill is the plain causal triangle.
-            return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, enable_gqa=gqa)
+        # Decode sees every key; prefill is the plain causal triangle. Two calls rather than is_causal=Tq > 1, so
+        # that under torch.compile with a dynamic query length the flag stays a Python bool.
+        if Tq == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        if Tq == Tk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = causal_mask(Tq, Tk, q.device)
     else:
         # A padded query would see no key at all (softmax over nothing is NaN); letting it see itself keeps its

@@ -160,7 +160,7 @@ class DialogueWorker:
             models["target"], models["draft"], tokenizer_path=models["tokenizer"], frspec=self.config.models.frspec,
             device=self.config.models.device, dtype=dtype, speculative=self.config.models.speculative,
             max_batch_size=self.config.models.max_batch_size, add_bos=self.template.is_chatml,
-            prefix_cache_tokens=self.config.models.prefix_cache_tokens,
+            prefix_cache_tokens=self.config.models.prefix_cache_tokens, torch_compile=self.config.models.torch_compile,
         )
         self.model_ids = models["ids"]
 

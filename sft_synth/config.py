@@ -33,6 +33,9 @@ class ModelsConfig(Strict):
     prefix_cache_tokens: NonNegativeInt = Field(
         32768, description="tokens of finished prompts and answers whose keys and values later turns reuse (0: off)"
     )
+    torch_compile: bool = Field(
+        False, description="decoding steps of both models through torch.compile (needs a C++ compiler on a CPU)"
+    )
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
 

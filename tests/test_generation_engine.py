@@ -9,6 +9,7 @@ model whose next-token table is known.
 import copy
 import itertools
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -198,6 +199,31 @@ def test_static_batches_keep_finished_rows_until_the_batch_ends(models, tokenize
     for alone, a, b in zip(uneven_alone, static, continuous):
         assert a.token_ids == b.token_ids == alone.token_ids and a.text == alone.text
         assert a.stats.target_steps == len(alone.token_ids)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on a CPU builds its kernels with a C++ compiler")
+def test_compiled_decoding_steps_give_the_eager_outputs(models, tokenizer, frequencies, uneven_settings, uneven_alone):
+    """torch_compile=True: the draft's and the target's decoding steps run as whole compiled graphs (no graph
+    break, no fallback to eager), a handful of them, and every row of speculative FR-Spec decoding through 3 slots
+    still equals plain eager decoding of its prompt alone."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    engine = GenerationEngine(
+        models.target, tokenizer, models.small_draft, frspec_frequencies=frequencies, max_batch_size=3,
+        speculative=SpeculativeConfig(num_draft_tokens=3, max_draft_tokens=5, draft_cost_ratio=0.1),
+        torch_compile=True,
+    )
+    results = engine.generate(UNEVEN_PROMPTS, uneven_settings)
+    assert [r.token_ids for r in results] == [a.token_ids for a in uneven_alone]
+    # Every compiled frame is one whole graph (a graph break would split it, a fallback would leave it uncounted),
+    # at most one per model for one new token and for several, for one row and for more.
+    frames = counters["frames"]
+    assert not counters["graph_break"] and frames["ok"] == frames["total"] == counters["stats"]["unique_graphs"]
+    assert 4 <= frames["ok"] <= 8
+    graphs = frames["total"]
+    engine.generate(UNEVEN_PROMPTS[:2], uneven_settings)  # the same kinds of step again: no new graph
+    assert frames["total"] == graphs
 
 
 def own_settings(uneven_settings: GenerationSettings) -> list[GenerationSettings]:
