@@ -96,18 +96,37 @@ def _charsets(payload: bytes, content_type: str) -> Iterator[str]:
     if declared:
         yield declared.group(1).decode("ascii", "ignore")
     yield "utf-8"
-    yield detect_encoding(payload)  # a guess over the whole payload: only when neither of the above decodes it
+    yield _LENIENT_UTF8
+    yield detect_encoding(payload)  # a guess over the whole payload: only when none of the above decodes it
+
+
+# UTF-8 with a few stray bytes (a truncated character, one byte of another charset pasted in), decoded as browsers
+# do, each bad byte a U+FFFD; only when the payload is evidently UTF-8: many valid multi-byte characters per bad one.
+# A page in a single-byte charset has almost none (its accented letters are each a bad byte), so it still goes on to
+# detection instead of losing its accents.
+_LENIENT_UTF8 = "utf-8, stray bytes replaced"
+MIN_VALID_PER_STRAY = 10
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _decode_lenient_utf8(payload: bytes) -> str:
+    text = payload.decode("utf-8", errors="replace")
+    stray = text.count("\ufffd") - payload.count("\ufffd".encode())  # a page may hold U+FFFD itself
+    if len(_NON_ASCII.findall(text)) - text.count("\ufffd") < MIN_VALID_PER_STRAY * stray:
+        raise UnicodeDecodeError("utf-8", payload, 0, 1, f"{stray} stray bytes: too many for UTF-8 text")
+    return text
 
 
 def decode_html(payload: bytes, content_type: str) -> str:
-    """Decode with the declared charset, else UTF-8, else a detected one; raise when nothing decodes cleanly."""
+    """Decode with the declared charset, else UTF-8, else UTF-8 with a few stray bytes replaced, else a detected
+    charset; raise when nothing decodes cleanly."""
     tried: list[str] = []
     for encoding in _charsets(payload, content_type):
         if encoding in tried:
             continue
         tried.append(encoding)
         try:
-            return payload.decode(encoding)
+            return _decode_lenient_utf8(payload) if encoding == _LENIENT_UTF8 else payload.decode(encoding)
         except (UnicodeDecodeError, LookupError):
             continue
     bad = payload.decode("utf-8", errors="replace").find("\ufffd")

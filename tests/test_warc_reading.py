@@ -211,5 +211,20 @@ def test_html_charset_declared_then_utf8_then_detected(monkeypatch):
     assert readers.decode_html(cp1252, "text/html") == page  # not UTF-8: detected
     assert calls == [cp1252]
     monkeypatch.setattr(readers, "detect_encoding", lambda payload: "ascii")
-    with pytest.raises(UnicodeDecodeError, match=r"tried \['utf-8', 'ascii'\]"):
+    with pytest.raises(UnicodeDecodeError, match=r"tried \['utf-8', 'utf-8, stray bytes replaced', 'ascii'\]"):
         readers.decode_html(cp1252, "")
+
+
+def test_utf8_page_with_stray_bytes_keeps_its_text():
+    """A UTF-8 page with a stray byte is decoded as a browser decodes it, the byte a U+FFFD and every other character
+    intact (three of the annotated real pages are such pages); a page in a single-byte charset, whose accented letters
+    are all invalid UTF-8, is still decoded by its detected charset, even when it claims to be UTF-8."""
+    page = "<html><body><p>" + "Grüße aus Köln – à bientôt, señor. " * 3 + "</p></body></html>"
+    stray = page.encode("utf-8").replace(b"<p>", b"<p>\xff", 1)
+    for content_type in ("text/html; charset=utf-8", "text/html"):
+        assert readers.decode_html(stray, content_type) == page.replace("<p>", "<p>\ufffd", 1)
+    cp1252 = page.encode("cp1252")
+    assert readers.decode_html(cp1252, "text/html; charset=utf-8") == page
+    mixed = page.encode("utf-8") + "ü ö ä é".encode("cp1252")  # 4 stray bytes against 21 valid characters
+    with pytest.raises(UnicodeDecodeError, match="too many"):
+        readers._decode_lenient_utf8(mixed)
