@@ -106,13 +106,14 @@ def _charsets(payload: bytes, content_type: str) -> Iterator[str]:
 # detection instead of losing its accents.
 _LENIENT_UTF8 = "utf-8, stray bytes replaced"
 MIN_VALID_PER_STRAY = 10
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def _decode_lenient_utf8(payload: bytes) -> str:
     text = payload.decode("utf-8", errors="replace")
-    stray = text.count("\ufffd") - payload.count("\ufffd".encode())  # a page may hold U+FFFD itself
-    if len(_NON_ASCII.findall(text)) - text.count("\ufffd") < MIN_VALID_PER_STRAY * stray:
+    replaced = text.count("\ufffd")
+    stray = replaced - payload.count("\ufffd".encode())  # a page may hold U+FFFD itself
+    valid_multi_byte = len(text) - len(text.encode("ascii", "ignore")) - replaced
+    if valid_multi_byte < MIN_VALID_PER_STRAY * stray:
         raise UnicodeDecodeError("utf-8", payload, 0, 1, f"{stray} stray bytes: too many for UTF-8 text")
     return text
 
