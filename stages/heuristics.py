@@ -306,6 +306,8 @@ FILTER_CLASSES = {
 FAST_RULES = {"gopher_repetition": GopherRepetitionRules, "gopher_quality": GopherQualityRules, "c4": C4Rules}
 _NOT_THRESHOLDS = {"self", "exclusion_writer", "language", "batch_size"}
 _FRACTION_WORDS = ("ratio", "frac", "thr", "grams")  # thresholds on shares of a document: at most 1
+# datatrove's C4 rules take -1 for "this rule off" (its docstring and defaults); the Gopher rules take None
+OFF_AT_MINUS_ONE = {"c4": {"min_num_sentences", "min_words_per_line", "max_word_length"}}
 
 
 def _as_tuples(value: Any) -> Any:
@@ -319,8 +321,9 @@ def _numbers(value: Any) -> list[float]:
 
 
 def check_threshold(kind: str, name: str, value: Any) -> None:
-    """A threshold has the type datatrove declares for it (no string where a number goes), is not negative, and a
-    share of a document is at most 1. Raises ValueError naming the threshold."""
+    """A threshold has the type datatrove declares for it (no string where a number goes), is not negative (but for
+    datatrove's -1 that turns a C4 rule off), and a share of a document is at most 1. Raises ValueError naming the
+    threshold."""
     annotation = inspect.signature(FILTER_CLASSES[kind].__init__).parameters[name].annotation
     arguments = typing.get_args(annotation)
     if typing.get_origin(annotation) is tuple and len(arguments) == 1:  # datatrove's tuple[tuple[int, float]]
@@ -329,9 +332,12 @@ def check_threshold(kind: str, name: str, value: Any) -> None:
         TypeAdapter(annotation).validate_python(_as_tuples(value), strict=True)
     except ValidationError as error:
         raise ValueError(f"{name}: {value!r} is not a {annotation} ({error.errors()[0]['msg']})") from None
+    if value == -1 and name in OFF_AT_MINUS_ONE.get(kind, ()):
+        return
     numbers = _numbers(value)
     if any(n < 0 for n in numbers):
-        raise ValueError(f"{name}: {value!r} holds a negative number")
+        off = " (-1 turns it off)" if name in OFF_AT_MINUS_ONE.get(kind, ()) else ""
+        raise ValueError(f"{name}: {value!r} holds a negative number{off}")
     if any(word in name for word in _FRACTION_WORDS) and any(isinstance(n, float) and n > 1 for n in numbers):
         raise ValueError(f"{name}: {value!r} holds a share above 1")
 

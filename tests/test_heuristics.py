@@ -67,6 +67,10 @@ def test_filters_decide_as_datatrove(web_texts):
     variants = [*config.filters,
                 FilterConfig(kind="c4", params={"split_paragraph": False}),
                 FilterConfig(kind="c4", params={"min_num_sentences": 0, "filter_no_terminal_punct": True}),
+                # datatrove's own way to turn C4's rules off, and a word-length bound that drops lines
+                FilterConfig(kind="c4", params={"min_num_sentences": -1, "min_words_per_line": -1,
+                                                "max_word_length": -1}),
+                FilterConfig(kind="c4", params={"max_word_length": 12}),
                 FilterConfig(kind="gopher_repetition", params={"dup_line_frac": None, "dup_para_frac": None,
                                                                "dup_line_char_frac": None, "dup_para_char_frac": None}),
                 # the per-word rules decide: barely a length bound, stricter letter and stop-word shares
@@ -93,6 +97,16 @@ def test_filters_decide_as_datatrove(web_texts):
     # the comparison covers both outcomes of every rule set, and more than one reason of the Gopher rules
     assert all(None in reasons and len(reasons) >= 2 for reasons in outcomes.values()), outcomes
     assert len(outcomes["gopher_quality"]) >= 5 and len(outcomes["gopher_repetition"]) >= 3, outcomes
+
+
+def test_minus_one_turns_a_c4_rule_off_and_is_refused_elsewhere():
+    """datatrove documents -1 as "off" for three C4 thresholds: a config copied from it is accepted there, and only
+    there; any other negative number is still an error naming the threshold."""
+    FilterConfig(kind="c4", params={"min_num_sentences": -1, "min_words_per_line": -1, "max_word_length": -1})
+    with pytest.raises(ValueError, match=r"min_num_sentences: -2 holds a negative number \(-1 turns it off\)"):
+        FilterConfig(kind="c4", params={"min_num_sentences": -2})
+    with pytest.raises(ValueError, match=r"min_doc_words: -1 holds a negative number \[type"):
+        FilterConfig(kind="gopher_quality", params={"min_doc_words": -1})
 
 
 def test_repeated_ngram_chars_equals_datatrove():
