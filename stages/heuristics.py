@@ -332,12 +332,12 @@ def check_threshold(kind: str, name: str, value: Any) -> None:
         TypeAdapter(annotation).validate_python(_as_tuples(value), strict=True)
     except ValidationError as error:
         raise ValueError(f"{name}: {value!r} is not a {annotation} ({error.errors()[0]['msg']})") from None
-    if value == -1 and name in OFF_AT_MINUS_ONE.get(kind, ()):
+    can_be_off = name in OFF_AT_MINUS_ONE.get(kind, ())
+    if value == -1 and can_be_off:
         return
     numbers = _numbers(value)
     if any(n < 0 for n in numbers):
-        off = " (-1 turns it off)" if name in OFF_AT_MINUS_ONE.get(kind, ()) else ""
-        raise ValueError(f"{name}: {value!r} holds a negative number{off}")
+        raise ValueError(f"{name}: {value!r} holds a negative number{' (-1 turns it off)' if can_be_off else ''}")
     if any(word in name for word in _FRACTION_WORDS) and any(isinstance(n, float) and n > 1 for n in numbers):
         raise ValueError(f"{name}: {value!r} holds a share above 1")
 
